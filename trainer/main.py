@@ -1,0 +1,113 @@
+"""Command line: absl flags -> Config -> train_and_evaluate. The only module that reads FLAGS.
+
+  python -m trainer.main --backbone=bit --trainable --workdir=runs/bit-ft
+  python -m trainer.main --experiment=smoke --workdir=runs/smoke
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from trainer import config as config_lib
+
+# tensorflow_hub defines --tfhub_cache_dir and --tfhub_model_load_format;
+# importing it makes them valid here (never redefine them).
+import tensorflow_hub  # noqa: E402,F401  pylint: disable=unused-import
+
+_D = config_lib.Config()
+EXIT_USAGE = 2  # absl's code for a usage error: fix the named flag or file
+
+flags.DEFINE_enum("experiment", None, list(config_lib.PRESETS),
+                  "Named preset; flags given explicitly override it.")
+flags.DEFINE_string("workdir", None, "Directory of the run; rerunning with it resumes. "
+                    "Default runs/<experiment or backbone>.")
+flags.DEFINE_integer("seed", _D.seed, "Seeds the split, shuffling and initialisation.")
+flags.DEFINE_bool("print_config", False, "Print the resolved configuration as JSON and exit.")
+# Model.
+flags.DEFINE_string("backbone", _D.model.backbone, "One of " + ", ".join(config_lib.BACKBONES) + ".")
+flags.DEFINE_string("weights", _D.model.weights, "resnet50 only: imagenet, none or a weights file.")
+flags.DEFINE_string("hub_handle", None, "Hub backbones: URL or SavedModel directory "
+                    "(overrides the default handle).")
+flags.DEFINE_string("bit_variant", _D.model.bit_variant, "BiT model: " + ", ".join(config_lib.BIT_VARIANTS) + ".")
+flags.DEFINE_bool("trainable", None, "Fine-tune the backbone (--notrainable: train the head "
+                  "only). Default: train random backbones, freeze pretrained ones.")
+flags.DEFINE_bool("freeze_batch_norm", _D.model.freeze_batch_norm,
+                  "Keep a pretrained backbone's BatchNorm statistics fixed while fine-tuning.")
+flags.DEFINE_integer("wrn_depth", _D.model.wrn_depth, "Wide ResNet depth (6n+4).")
+flags.DEFINE_integer("wrn_width", _D.model.wrn_width, "Wide ResNet width multiplier.")
+flags.DEFINE_float("dropout_rate", _D.model.dropout_rate, "Wide ResNet dropout in residual blocks.")
+# Data.
+flags.DEFINE_string("dataset", _D.data.dataset, "TFDS image dataset (image, label) or synthetic.")
+flags.DEFINE_string("data_dir", None, "TFDS data directory (prepared data works offline).")
+flags.DEFINE_string("image_dir", None, "Folder with one sub-folder of images per class; "
+                    "overrides --dataset.")
+flags.DEFINE_float("val_fraction", _D.data.val_fraction, "Share of the data held out for validation.")
+flags.DEFINE_integer("image_size", _D.data.image_size, "Square input size, pixels.")
+flags.DEFINE_integer("batch_size", _D.data.global_batch_size, "GLOBAL batch size (all replicas).")
+flags.DEFINE_string("augment", _D.data.augment, "none or flip_crop (random crop + flip).")
+flags.DEFINE_string("cache", _D.data.cache, "memory, none, or a file prefix for the decoded images.")
+flags.DEFINE_integer("synthetic_examples", _D.data.synthetic_examples, "Images in --dataset=synthetic.")
+# Training.
+flags.DEFINE_integer("epochs", _D.train.epochs, "Maximum number of epochs.")
+flags.DEFINE_integer("early_stopping_patience", _D.train.early_stopping_patience,
+                     "Epochs without val accuracy gain before stopping; 0 disables.")
+flags.DEFINE_string("optimizer", _D.train.optimizer, "adam or sgd (momentum 0.9).")
+flags.DEFINE_float("learning_rate", None, "Default: per preset; else 1e-5 to fine-tune a "
+                   "pretrained backbone, 1e-3 otherwise.")
+flags.DEFINE_string("precision", _D.train.precision, ", ".join(config_lib.PRECISIONS) + ".")
+flags.DEFINE_string("strategy", _D.train.strategy, ", ".join(config_lib.STRATEGIES) + ".")
+flags.DEFINE_string("tpu", None, "TPU name, or local on a TPU VM.")
+flags.DEFINE_integer("steps_per_execution", _D.train.steps_per_execution, "Passed to compile.")
+flags.DEFINE_string("jit_compile", _D.train.jit_compile, "auto (XLA on GPUs only), true or false.")
+flags.DEFINE_bool("export", _D.train.export, "Write the serving SavedModel at the end.")
+
+FLAGS = flags.FLAGS
+CONFIG_FLAGS = tuple(config_lib.flatten(_D)) + ("batch_size",)
+
+
+def fail(message: str) -> None:
+    """Prints a one-paragraph error and exits with the usage-error code."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(EXIT_USAGE)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a one-paragraph error instead of the full usage."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        fail(f"{e}. Run with --helpshort for the flags.")
+
+
+def config_from_flags(flag_values: flags.FlagValues) -> config_lib.Config:
+    """Preset (or defaults) overridden by every flag given on the command line."""
+    given = {
+        name: flag_values[name].value
+        for name in CONFIG_FLAGS
+        if name in flag_values and flag_values[name].present
+    }
+    return config_lib.resolve(
+        config_lib.override(config_lib.preset(flag_values.experiment), given)
+    )
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; every option is a --flag.")
+    try:
+        config = config_from_flags(FLAGS)
+        if FLAGS.print_config:
+            sys.stdout.write(config_lib.to_json(config) + "\n")
+            return
+        from trainer import train  # TensorFlow devices are touched from here on.
+
+        train.train_and_evaluate(config)
+    except config_lib.UserError as e:
+        fail(str(e))
+    logging.info("Done: %s", config.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
