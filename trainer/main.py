@@ -109,5 +109,10 @@ def main(argv: list[str]) -> None:
     logging.info("Done: %s", config.workdir)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Entry point of `python -m trainer.main` and the `trainer` console script."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()
