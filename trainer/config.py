@@ -10,7 +10,8 @@ import json
 import os
 from typing import Any, Mapping
 
-BACKBONES = ("resnet50", "resnet50_hub", "bit", "wide_resnet")
+BACKBONES = ("resnet50", "resnet50_hub", "bit", "hub", "wide_resnet")
+HUB_BACKBONES = ("resnet50_hub", "bit", "hub")  # loaded with hub.KerasLayer
 BIT_VARIANTS = (
     "s-r50x1", "s-r50x3", "s-r101x1", "s-r101x3", "s-r152x4",
     "m-r50x1", "m-r50x3", "m-r101x1", "m-r101x3", "m-r152x4",
@@ -65,6 +66,7 @@ class TrainConfig:
     steps_per_execution: int = 1  # train steps per tf.function call
     jit_compile: str = "auto"  # "auto" turns XLA on for GPUs only
     export: bool = True  # write the serving SavedModel at the end
+    export_backbone: bool = False  # also write the backbone in TF Hub format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +178,7 @@ def is_pretrained(model: ModelConfig) -> bool:
     """Whether the backbone starts from pretrained weights."""
     if model.backbone == "resnet50":
         return model.weights != "none"
-    return model.backbone in ("resnet50_hub", "bit")
+    return model.backbone in HUB_BACKBONES
 
 
 def resolve(config: Config) -> Config:
@@ -252,9 +254,12 @@ def check(config: Config) -> None:
     _require(1 <= model.wrn_width <= 16, f"--wrn_width must be 1 to 16, got {model.wrn_width}.")
     _require(bool(model.weights), "--weights must be imagenet, none or a weights file.")
     if model.hub_handle is not None:
-        _require(model.backbone in ("resnet50_hub", "bit"),
-                 f"--hub_handle applies to the hub backbones (resnet50_hub, bit), "
+        _require(model.backbone in HUB_BACKBONES,
+                 f"--hub_handle applies to the hub backbones ({', '.join(HUB_BACKBONES)}), "
                  f"not --backbone={model.backbone}.")
+    if model.backbone == "hub":
+        _require(bool(model.hub_handle), "--backbone=hub needs --hub_handle (a TF2 SavedModel "
+                 "image feature vector: URL or directory).")
     _require(model.trainable or is_pretrained(model),
              f"--notrainable would freeze a randomly initialised backbone "
              f"(--backbone={model.backbone}"

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -62,6 +63,8 @@ flags.DEFINE_string("tpu", None, "TPU name, or local on a TPU VM.")
 flags.DEFINE_integer("steps_per_execution", _D.train.steps_per_execution, "Passed to compile.")
 flags.DEFINE_string("jit_compile", _D.train.jit_compile, "auto (XLA on GPUs only), true or false.")
 flags.DEFINE_bool("export", _D.train.export, "Write the serving SavedModel at the end.")
+flags.DEFINE_bool("export_backbone", _D.train.export_backbone,
+                  "Also write the trained backbone as a TF Hub feature-vector SavedModel.")
 
 FLAGS = flags.FLAGS
 CONFIG_FLAGS = tuple(config_lib.flatten(_D)) + ("batch_size",)
@@ -102,6 +105,9 @@ def main(argv: list[str]) -> None:
             sys.stdout.write(config_lib.to_json(config) + "\n")
             return
         from trainer import train  # TensorFlow devices are touched from here on.
+
+        # TensorFlow's INFO lines (checkpoint sharding, asset writes) drown the epoch lines.
+        std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
 
         train.train_and_evaluate(config)
     except config_lib.UserError as e:

@@ -1,0 +1,148 @@
+"""What a run records: TensorBoard, history.csv, backups, best checkpoint, early stopping.
+
+Only the chief writes; Keras' own callbacks send other workers' writes to
+temporary directories under MultiWorkerMirroredStrategy.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from typing import Any
+
+import tensorflow as tf
+import tf_keras as keras
+from absl import logging
+from tensorboard.plugins.hparams import api as hparams_api
+
+HISTORY_FILE = "history.csv"
+BACKUP_DIR = "backup"
+BEST_CHECKPOINT = os.path.join("checkpoints", "best")
+MONITOR = "val_accuracy"
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Writes a file under a temporary name, then renames it: readers see old or new, never half."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class EpochStats(keras.callbacks.Callback):
+    """Adds learning rate, images/sec and epoch time to the logs; logs one line per epoch.
+
+    Must come first in the callback list: later callbacks (TensorBoard,
+    history.csv) record what it adds. Training time stops when validation starts.
+    """
+
+    def __init__(self, images_per_epoch: int, epochs: int):
+        super().__init__()
+        self.images_per_epoch = images_per_epoch
+        self.epochs = epochs
+        self._epoch_start = self._train_end = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_start, self._train_end = time.perf_counter(), 0.0
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        if self._epoch_start and not self._train_end:
+            self._train_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        now = time.perf_counter()
+        train_seconds = (self._train_end or now) - self._epoch_start
+        logs = logs if logs is not None else {}
+        logs["learning_rate"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))
+        logs["images_per_sec"] = self.images_per_epoch / max(train_seconds, 1e-9)
+        logs["epoch_seconds"] = now - self._epoch_start
+        logging.info(
+            "Epoch %d/%d: %s, %.0f images/s, %.1f s", epoch + 1, self.epochs,
+            ", ".join(f"{k} {v:.4g}" for k, v in logs.items()
+                      if k in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")),
+            logs["images_per_sec"], logs["epoch_seconds"])
+        self._epoch_start = 0.0
+        if not math.isfinite(logs.get("loss", 0.0)):
+            self.model.stop_training = True
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """history.csv with one row per epoch, 1-based, rewritten atomically at each epoch end.
+
+    An epoch repeated after a resume replaces its row (and drops rows after it),
+    so the file never holds an epoch twice or a half-written line.
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        rows = [row for row in read_history(self.path) if int(row["epoch"]) < epoch + 1]
+        rows.append({"epoch": epoch + 1, **(logs or {})})
+        fields = list(dict.fromkeys(key for row in rows for key in row))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomically(self.path, out.getvalue())
+
+
+def read_history(path: str) -> list[dict[str, Any]]:
+    """Rows of a history.csv, numbers as floats (epoch as int); [] if absent."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items() if v != ""}
+            for row in rows]
+
+
+def create_callbacks(workdir: str, *, epochs: int, patience: int, images_per_epoch: int,
+                     chief: bool) -> list[keras.callbacks.Callback]:
+    """The run's callbacks, in the order they must run.
+
+    Args:
+      workdir: the run directory (TensorBoard logs go to its train/ and validation/).
+      epochs: the maximum number of epochs.
+      patience: epochs without val-accuracy gain before stopping; 0 never stops.
+      images_per_epoch: training images per epoch, all replicas together.
+      chief: whether this process writes history.csv.
+    """
+    callbacks = [
+        EpochStats(images_per_epoch, epochs),
+        # Restores model, optimizer and epoch after a kill; kept after the end
+        # so that a run killed while exporting does not start over.
+        keras.callbacks.BackupAndRestore(os.path.join(workdir, BACKUP_DIR),
+                                         delete_checkpoint=False),
+        keras.callbacks.TensorBoard(workdir, update_freq="epoch", profile_batch=0),
+        keras.callbacks.ModelCheckpoint(os.path.join(workdir, BEST_CHECKPOINT),
+                                        monitor=MONITOR, mode="max", save_best_only=True,
+                                        save_weights_only=True),
+        # Ends with the best epoch's weights; patience 0 (off) never stops early.
+        keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", restore_best_weights=True,
+                                      patience=patience or epochs + 1, verbose=1),
+    ]
+    if chief:
+        callbacks.append(HistoryCSV(os.path.join(workdir, HISTORY_FILE)))
+    return callbacks
+
+
+def write_run_summaries(workdir: str, hparams: dict[str, Any], images: tf.Tensor) -> None:
+    """Writes the run's HParams and a few input images for TensorBoard (chief only)."""
+    # HParams at the run's root so TensorBoard pairs them with train/ and validation/.
+    root = tf.summary.create_file_writer(workdir)
+    with root.as_default():
+        hparams_api.hparams(
+            {k: ("" if v is None else v) for k, v in hparams.items()},
+            trial_id=os.path.basename(os.path.abspath(workdir)))
+    root.close()
+    train = tf.summary.create_file_writer(os.path.join(workdir, "train"))
+    with train.as_default():
+        tf.summary.image("input_images", images, step=0, max_outputs=int(images.shape[0]))
+    train.close()

@@ -1,0 +1,348 @@
+"""Input data: TFDS, image folders and synthetic images as tf.data pipelines.
+
+Each split runs decode -> resize -> uint8 -> cache -> shuffle -> augment ->
+batch -> prefetch. Images stay uint8 up to the model (which normalises them),
+so a cache holds a quarter of what float32 images would take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from PIL import Image
+
+from trainer.config import DataConfig, UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# Formats TensorFlow's decode_image reads (MPO: multi-picture JPEG from cameras).
+DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP")
+# Decompression-bomb cap: a header announcing more pixels than this is skipped
+# before anything is decoded (about 7,000 x 7,000).
+MAX_IMAGE_PIXELS = 50_000_000
+SHUFFLE_BUFFER = 2048  # images; splits are already randomly ordered once
+SYNTHETIC_CLASSES = 5
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """A dataset split into train and validation, ready to become pipelines.
+
+    `examples[split]` makes the split's unbatched (image, label) dataset: encoded
+    image bytes when `encoded`, else uint8 images already at the input size.
+    """
+
+    config: DataConfig
+    seed: int
+    class_names: tuple[str, ...]
+    sizes: dict[str, int]  # examples per split: "train", "val"
+    examples: dict[str, Callable[[], tf.data.Dataset]]
+    encoded: bool
+    identity: str  # what the examples are, for file-cache names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def dataset(
+        self,
+        split: str,
+        per_replica_batch_size: int,
+        input_context: tf.distribute.InputContext | None = None,
+    ) -> tf.data.Dataset:
+        """Returns the batched pipeline of one input pipeline (worker) for `split`.
+
+        Training data is sharded by example across input pipelines, shuffled,
+        augmented and repeated forever (fit counts steps_per_epoch); validation
+        data is read whole by every pipeline, so metrics are exact and no worker
+        waits on an uneven shard.
+        """
+        training = split == "train"
+        ds = self.examples[split]()
+        num_pipelines = input_context.num_input_pipelines if input_context else 1
+        pipeline_id = input_context.input_pipeline_id if input_context else 0
+        if training and num_pipelines > 1:
+            ds = ds.shard(num_pipelines, pipeline_id)
+        ds = self._decoded(ds)
+        if self.config.cache == "memory":
+            ds = ds.cache()
+        elif self.config.cache != "none":
+            ds = ds.cache(self._cache_file(split, pipeline_id, num_pipelines))
+        if training:
+            ds = ds.shuffle(SHUFFLE_BUFFER, seed=self.seed, reshuffle_each_iteration=True)
+            ds = ds.repeat()
+            ds = self._augmented(ds)
+        return ds.batch(per_replica_batch_size, drop_remainder=training).prefetch(AUTOTUNE)
+
+    def preview(self, count: int) -> tf.Tensor:
+        """Returns up to `count` training images as the model sees them (uint8)."""
+        ds = self._augmented(self._decoded(self.examples["train"]().take(count)))
+        return next(iter(ds.batch(count)))[0]
+
+    def _decoded(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        if not self.encoded:
+            return ds
+        size = self.config.image_size
+        ds = ds.map(lambda data, label: (decode_image(data, size), label),
+                    num_parallel_calls=AUTOTUNE)
+        # Files were checked before (see list_image_folder); this drops the rare
+        # file whose header is fine but whose body is not, with a warning each.
+        return ds.ignore_errors(log_warning=True)
+
+    def _augmented(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        if self.config.augment == "none":
+            return ds
+        size = self.config.image_size
+        return ds.map(lambda image, label: (flip_crop(image, size), label),
+                      num_parallel_calls=AUTOTUNE)
+
+    def _cache_file(self, split: str, pipeline_id: int, num_pipelines: int) -> str:
+        # Named by everything that changes the cached images, so a changed
+        # config never reads a stale cache.
+        key = json.dumps([self.identity, self.config.image_size, self.config.val_fraction,
+                          self.seed, split, pipeline_id, num_pipelines])
+        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+        path = f"{self.config.cache}-{split}-{digest}-{pipeline_id}of{num_pipelines}"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return path
+
+
+def decode_image(data: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Decodes JPEG/PNG/GIF/BMP bytes to a [size, size, 3] uint8 RGB image."""
+    image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+    return resize(image, image_size)
+
+
+def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Resizes (bilinear, aspect not kept, as the reference) to uint8 [size, size, 3]."""
+    image = tf.image.resize(image, [image_size, image_size])
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def flip_crop(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Random horizontal flip and a random crop from the image padded by 1/8."""
+    pad = max(1, image_size // 8)
+    image = tf.image.resize_with_crop_or_pad(image, image_size + pad, image_size + pad)
+    image = tf.image.random_crop(image, [image_size, image_size, 3])
+    return tf.image.random_flip_left_right(image)
+
+
+def create_data_source(config: DataConfig, seed: int) -> DataSource:
+    """Resolves the data the config names: an image folder, synthetic, or TFDS.
+
+    Raises:
+      UserError: the data cannot be found or read; names the flag to fix.
+    """
+    if config.image_dir:
+        return _image_folder_source(config, seed)
+    if config.dataset == "synthetic":
+        return _synthetic_source(config, seed)
+    return _tfds_source(config, seed)
+
+
+def split_sizes(num_examples: int, val_fraction: float, what: str) -> tuple[int, int]:
+    """Returns (train, val) counts; raises UserError when either would be empty."""
+    num_val = round(num_examples * val_fraction)
+    num_train = num_examples - num_val
+    if num_val == 0 or num_train == 0:
+        raise UserError(
+            f"{what} has {num_examples} usable examples: --val_fraction={val_fraction} "
+            f"leaves {num_train} for training and {num_val} for validation. "
+            "Add images or change --val_fraction."
+        )
+    return num_train, num_val
+
+
+def check_image_file(path: str) -> str | None:
+    """Returns why TensorFlow could not use the image file, or None if it can.
+
+    Reads only the header (and the last bytes of a JPEG), so a decompression bomb
+    or a truncated file is caught without decoding it.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as image:
+            kind, (width, height) = image.format, image.size
+    except Image.DecompressionBombError:
+        return f"more than {MAX_IMAGE_PIXELS} pixels"
+    except Exception as e:  # PIL raises many types for unreadable files
+        return f"not an image ({type(e).__name__})"
+    if kind not in DECODABLE_FORMATS:
+        return f"{kind} format is not supported"
+    if width * height > MAX_IMAGE_PIXELS:
+        return f"{width}x{height} is more than {MAX_IMAGE_PIXELS} pixels"
+    if kind in ("JPEG", "MPO"):
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 64))
+            if b"\xff\xd9" not in f.read().rstrip(b"\x00\r\n "):
+                return "truncated JPEG (no end marker)"
+    return None
+
+
+def list_image_folder(image_dir: str) -> tuple[list[str], list[int], list[str]]:
+    """Lists usable images under one sub-folder per class, sorted.
+
+    Returns:
+      (paths, labels, class_names). Hidden files, other extensions and files
+      that fail `check_image_file` are left out; the latter with a count in the log.
+    """
+    if not os.path.isdir(image_dir):
+        raise UserError(f"--image_dir={image_dir} is not a directory.")
+    class_names, paths, labels, skipped = [], [], [], []
+    for name in sorted(os.listdir(image_dir)):
+        class_dir = os.path.join(image_dir, name)
+        if name.startswith(".") or not os.path.isdir(class_dir):
+            continue
+        files = [
+            os.path.join(class_dir, f)
+            for f in sorted(os.listdir(class_dir))
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+        good = []
+        for path in files:
+            reason = check_image_file(path)
+            (skipped.append((path, reason)) if reason else good.append(path))
+        if not good:
+            logging.warning("Class folder %s has no usable images; it is left out.", class_dir)
+            continue
+        paths += good
+        labels += [len(class_names)] * len(good)
+        class_names.append(name)
+    if skipped:
+        logging.warning(
+            "Skipped %d of %d image files that cannot be read; first ones: %s",
+            len(skipped), len(skipped) + len(paths),
+            "; ".join(f"{p} ({r})" for p, r in skipped[:5]),
+        )
+    if len(class_names) < 2:
+        raise UserError(
+            f"--image_dir={image_dir} must hold at least 2 class sub-folders with images "
+            f"({IMAGE_EXTENSIONS}); found {len(class_names)}: {class_names}."
+        )
+    return paths, labels, class_names
+
+
+def _image_folder_source(config: DataConfig, seed: int) -> DataSource:
+    paths, labels, class_names = list_image_folder(config.image_dir)
+    num_train, num_val = split_sizes(len(paths), config.val_fraction, f"--image_dir={config.image_dir}")
+    order = np.random.default_rng(seed).permutation(len(paths))
+    paths_arr, labels_arr = np.array(paths)[order], np.array(labels, np.int64)[order]
+
+    def examples(start: int, stop: int) -> Callable[[], tf.data.Dataset]:
+        def make() -> tf.data.Dataset:
+            files = tf.data.Dataset.from_tensor_slices((paths_arr[start:stop], labels_arr[start:stop]))
+            return files.map(lambda path, label: (tf.io.read_file(path), label),
+                             num_parallel_calls=AUTOTUNE)
+        return make
+
+    return DataSource(
+        config=config, seed=seed, class_names=tuple(class_names),
+        sizes={"train": num_train, "val": num_val},
+        examples={"train": examples(0, num_train), "val": examples(num_train, len(paths))},
+        encoded=True, identity=os.path.abspath(config.image_dir),
+    )
+
+
+def synthetic_images(num_examples: int, image_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Procedural, learnable images: the class sets the stripes' angle and tint.
+
+    Returns:
+      (uint8 images [n, size, size, 3], int64 labels [n]); phase, frequency and
+      noise vary per image, so a model must learn orientation, not memorise pixels.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, SYNTHETIC_CLASSES, num_examples)
+    angle = labels * np.pi / SYNTHETIC_CLASSES + rng.normal(0.0, 0.08, num_examples)
+    frequency = rng.uniform(2.0, 4.0, num_examples)  # stripes per image
+    phase = rng.uniform(0.0, 2 * np.pi, num_examples)
+    yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size
+    along = np.cos(angle)[:, None, None] * xx + np.sin(angle)[:, None, None] * yy
+    wave = np.sin(2 * np.pi * frequency[:, None, None] * along + phase[:, None, None])
+    tint = np.array([[1.0, 0.4, 0.4], [0.4, 1.0, 0.4], [0.4, 0.4, 1.0],
+                     [1.0, 1.0, 0.3], [0.3, 1.0, 1.0]])[labels % 5]
+    images = 128 + 90 * wave[..., None] * tint[:, None, None, :]
+    images += rng.normal(0.0, 20.0, images.shape)
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+def _synthetic_source(config: DataConfig, seed: int) -> DataSource:
+    images, labels = synthetic_images(config.synthetic_examples, config.image_size, seed)
+    num_train, _ = split_sizes(len(labels), config.val_fraction, "--dataset=synthetic")
+
+    def examples(part: slice) -> Callable[[], tf.data.Dataset]:
+        return lambda: tf.data.Dataset.from_tensor_slices((images[part], labels[part]))
+
+    angles = [round(180 * k / SYNTHETIC_CLASSES) for k in range(SYNTHETIC_CLASSES)]
+    return DataSource(
+        config=config, seed=seed, class_names=tuple(f"stripes_{a}deg" for a in angles),
+        sizes={"train": num_train, "val": len(labels) - num_train},
+        examples={"train": examples(slice(0, num_train)), "val": examples(slice(num_train, None))},
+        encoded=False, identity=f"synthetic-{config.synthetic_examples}",
+    )
+
+
+def _tfds_source(config: DataConfig, seed: int) -> DataSource:
+    import tensorflow_datasets as tfds  # slow to import; only TFDS runs pay for it
+
+    name = config.dataset
+    way_out = ("Offline, prepare it on a connected machine and pass --data_dir, or pass an "
+               "image folder (for tf_flowers: the extracted flower_photos) with --image_dir.")
+    try:
+        builder = tfds.builder(name, data_dir=config.data_dir)
+    except Exception as e:
+        raise UserError(
+            f"--dataset={name} is not a TFDS dataset ({e.__class__.__name__}); use synthetic, "
+            "tf_flowers or another TFDS image-classification dataset, or --image_dir."
+        ) from None
+    if not builder.is_prepared():
+        if config.data_dir:
+            raise UserError(
+                f"--dataset={name} is not prepared in --data_dir={config.data_dir}. {way_out}")
+        logging.info("Downloading and preparing %s ...", name)
+        try:
+            builder.download_and_prepare()
+        except Exception as e:
+            raise UserError(
+                f"--dataset={name} could not be downloaded ({str(e).splitlines()[0][:200]}). "
+                f"{way_out}") from None
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise UserError(f"--dataset={name} has no 'image' and 'label' features; "
+                        "it is not an image-classification dataset.")
+    num_train, num_val = split_sizes(
+        builder.info.splits["train"].num_examples, config.val_fraction, f"--dataset={name}")
+
+    def examples(split: str) -> Callable[[], tf.data.Dataset]:
+        def make() -> tf.data.Dataset:
+            # Decoding is ours (after sharding, before the cache), as for folders.
+            ds = builder.as_dataset(split=split, shuffle_files=False,
+                                    decoders={"image": tfds.decode.SkipDecoding()})
+            return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int64)))
+        return make
+
+    return DataSource(
+        config=config, seed=seed, class_names=tuple(features["label"].names),
+        sizes={"train": num_train, "val": num_val},
+        examples={"train": examples(f"train[:{num_train}]"), "val": examples(f"train[{num_train}:]")},
+        encoded=True, identity=f"tfds-{name}-{os.path.abspath(builder.data_dir)}",
+    )
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    """Full training batches per epoch (the last partial batch is dropped)."""
+    if num_examples < global_batch_size:
+        raise UserError(
+            f"--batch_size={global_batch_size} is larger than the {num_examples} training "
+            "examples; lower --batch_size."
+        )
+    return num_examples // global_batch_size
+

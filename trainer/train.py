@@ -1,0 +1,176 @@
+"""train_and_evaluate(config): strategy -> data -> model in scope -> fit -> evaluate -> export.
+
+Everything of a run goes under its workdir; rerunning with the same config and
+workdir resumes an interrupted run and leaves a finished one alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+from absl import logging
+
+from trainer import callbacks as callbacks_lib
+from trainer import config as config_lib
+from trainer import data, distribute, export, models
+from trainer.config import Config, UserError
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+PREVIEW_IMAGES = 8  # input images shown in TensorBoard
+
+
+class TrainingError(Exception):
+    """Training diverged (loss became NaN or infinite)."""
+
+
+def prepare_workdir(config: Config, chief: bool) -> dict[str, Any] | None:
+    """Creates the workdir, checks it holds this config, and returns a finished run's summary.
+
+    Raises:
+      UserError: the workdir is not writable, or holds a run of another config.
+    """
+    workdir = config.workdir
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-")
+        probe.close()
+    except OSError as e:
+        raise UserError(f"--workdir={workdir} is not writable ({e.strerror}).") from None
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            previous = config_lib.from_json(f.read())
+        changed = config_lib.differences(previous, config)
+        if changed:
+            raise UserError(
+                f"--workdir={workdir} holds a run with other settings ({', '.join(changed)} "
+                "differ); rerun with the same flags to resume it, or use a new --workdir.")
+    elif chief:
+        callbacks_lib.write_atomically(config_path, config_lib.to_json(config) + "\n")
+    summary_path = os.path.join(workdir, SUMMARY_FILE)
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            return json.load(f)
+    return None
+
+
+def create_optimizer(config: config_lib.TrainConfig) -> keras.optimizers.Optimizer:
+    """Adam, or SGD with momentum 0.9, at the configured learning rate."""
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(config.learning_rate, momentum=0.9)
+    return keras.optimizers.Adam(config.learning_rate)
+
+
+def summarize(history: list[dict[str, Any]], final_val_accuracy: float, **extra: Any) -> dict:
+    """The run's summary.json from its history.csv rows and the final evaluation."""
+    best = max(history, key=lambda row: row.get("val_accuracy", -1.0))
+    speeds = [row["images_per_sec"] for row in history]
+    # The first epoch of a process includes tracing; leave it out when there are others.
+    steady = speeds[1:] if len(speeds) > 1 else speeds
+    return {
+        "best_val_accuracy": best.get("val_accuracy"),
+        "best_epoch": best["epoch"],
+        "final_val_accuracy": final_val_accuracy,
+        "last_epoch_val_accuracy": history[-1].get("val_accuracy"),
+        "epochs_completed": len(history),
+        "train_images_per_sec": statistics.median(steady),
+        "wall_time_sec": sum(row["epoch_seconds"] for row in history),
+        **extra,
+    }
+
+
+def train_and_evaluate(config: Config) -> dict[str, Any]:
+    """Trains, evaluates and exports the run `config` describes (see module docstring).
+
+    Returns:
+      The run's summary (also written to workdir/summary.json by the chief).
+
+    Raises:
+      UserError: bad data, weights, hub handle or settings; names the flag.
+      TrainingError: the loss diverged.
+    """
+    workdir = config.workdir
+    # The strategy comes first: under TF_CONFIG it decides who the chief is.
+    strategy = distribute.create_strategy(config.train)
+    chief = distribute.is_chief(strategy)
+    done = prepare_workdir(config, chief)
+    if done is not None:
+        logging.info("The run in %s is already complete (best val accuracy %.4f); "
+                     "nothing to do.", workdir, done["best_val_accuracy"])
+        return done
+
+    replicas = strategy.num_replicas_in_sync
+    global_batch_size = config.data.global_batch_size
+    if global_batch_size % replicas:
+        raise UserError(f"--batch_size={global_batch_size} must divide evenly over the "
+                        f"{replicas} replicas; use a multiple of {replicas}.")
+    per_replica_batch_size = global_batch_size // replicas
+    precision, why = distribute.choose_precision(config.train, strategy)
+    jit_compile, jit_why = distribute.choose_jit_compile(config.train, strategy)
+    logging.info("Strategy %s with %d replicas (batch %d each); precision %s (%s); "
+                 "jit_compile %s (%s).", type(strategy).__name__, replicas,
+                 per_replica_batch_size, precision, why, jit_compile, jit_why)
+    distribute.set_precision(precision)
+    keras.utils.set_random_seed(config.seed)
+
+    source = data.create_data_source(config.data, config.seed)
+    steps_per_epoch = data.steps_per_epoch(source.sizes["train"], global_batch_size)
+    logging.info("Data: %d classes, %d training and %d validation examples, %d steps per epoch.",
+                 source.num_classes, source.sizes["train"], source.sizes["val"], steps_per_epoch)
+    train_ds, val_ds = (
+        strategy.distribute_datasets_from_function(
+            lambda ctx, split=split: source.dataset(split, per_replica_batch_size, ctx))
+        for split in ("train", "val"))
+
+    with strategy.scope():
+        model = models.create_model(config.model, source.num_classes, config.data.image_size)
+        model.compile(optimizer=create_optimizer(config.train),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                      steps_per_execution=config.train.steps_per_execution,
+                      jit_compile=jit_compile)
+    if chief:
+        callbacks_lib.write_run_summaries(
+            workdir, config_lib.flatten(config), source.preview(PREVIEW_IMAGES))
+
+    started = time.time()
+    fit = model.fit(
+        train_ds, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
+        validation_data=val_ds, verbose=1 if sys.stdout.isatty() else 2,
+        callbacks=callbacks_lib.create_callbacks(
+            workdir, epochs=config.train.epochs, patience=config.train.early_stopping_patience,
+            images_per_epoch=steps_per_epoch * global_batch_size, chief=chief))
+    losses = fit.history.get("loss", [])
+    if losses and not np.isfinite(losses[-1]):
+        raise TrainingError(
+            f"The loss became {losses[-1]} in epoch {fit.epoch[-1] + 1}; training stopped. "
+            f"Lower --learning_rate (now {config.train.learning_rate}). The best checkpoint "
+            f"and the logs so far are in {workdir}.")
+
+    _, final_val_accuracy = model.evaluate(val_ds, verbose=0)
+    if config.train.export:
+        export.export_model(model, source.class_names, workdir, chief)
+    if config.train.export_backbone:
+        export.export_backbone(model, config.data.image_size, workdir, chief)
+    if not chief:
+        return {}
+    summary = summarize(
+        callbacks_lib.read_history(os.path.join(workdir, callbacks_lib.HISTORY_FILE)), float(final_val_accuracy), num_replicas=replicas, precision=precision,
+        strategy=type(strategy).__name__.lstrip("_"), jit_compile=jit_compile,
+        global_batch_size=global_batch_size, num_classes=source.num_classes,
+        train_examples=source.sizes["train"], val_examples=source.sizes["val"],
+        last_process_sec=time.time() - started)
+    callbacks_lib.write_atomically(os.path.join(workdir, SUMMARY_FILE),
+                                   json.dumps(summary, indent=2) + "\n")
+    logging.info("Best val accuracy %.4f (epoch %d); final %.4f. Written to %s.",
+                 summary["best_val_accuracy"], summary["best_epoch"], final_val_accuracy, workdir)
+    return summary
