@@ -318,21 +318,25 @@ def _tfds_source(config: DataConfig, seed: int) -> DataSource:
     if "image" not in features or "label" not in features:
         raise UserError(f"--dataset={name} has no 'image' and 'label' features; "
                         "it is not an image-classification dataset.")
-    num_train, num_val = split_sizes(
-        builder.info.splits["train"].num_examples, config.val_fraction, f"--dataset={name}")
+    def all_examples() -> tf.data.Dataset:
+        # Decoding is ours (after sharding, before the cache), as for folders.
+        ds = builder.as_dataset(split="train", shuffle_files=False,
+                                decoders={"image": tfds.decode.SkipDecoding()})
+        return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int64)))
 
-    def examples(split: str) -> Callable[[], tf.data.Dataset]:
-        def make() -> tf.data.Dataset:
-            # Decoding is ours (after sharding, before the cache), as for folders.
-            ds = builder.as_dataset(split=split, shuffle_files=False,
-                                    decoders={"image": tfds.decode.SkipDecoding()})
-            return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int64)))
-        return make
+    splits = builder.info.splits
+    if "train" in splits:
+        num_examples = splits["train"].num_examples
+    else:  # split sizes unrecorded (as under tfds.testing.mock_data): count
+        num_examples = int(all_examples().reduce(0, lambda count, _: count + 1))
+    num_train, _ = split_sizes(num_examples, config.val_fraction, f"--dataset={name}")
 
     return DataSource(
         config=config, seed=seed, class_names=tuple(features["label"].names),
-        sizes={"train": num_train, "val": num_val},
-        examples={"train": examples(f"train[:{num_train}]"), "val": examples(f"train[{num_train}:]")},
+        sizes={"train": num_train, "val": num_examples - num_train},
+        # The reference's train[:70%] / train[70%:], in the dataset's stored order.
+        examples={"train": lambda: all_examples().take(num_train),
+                  "val": lambda: all_examples().skip(num_train)},
         encoded=True, identity=f"tfds-{name}-{os.path.abspath(builder.data_dir)}",
     )
 

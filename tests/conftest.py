@@ -1,0 +1,61 @@
+"""Shared fixtures: two logical CPUs, a small image folder, a tiny TF Hub SavedModel."""
+
+import os
+
+import trainer  # noqa: F401  picks the Keras 2 API before TensorFlow loads
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+# Two logical CPU devices for MirroredStrategy tests; must precede any TF op.
+_CPUS = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _CPUS[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+CLASSES = ("cats", "dogs", "owls")
+
+
+def write_image_folder(root, per_class=6, size=(40, 30), seed=0):
+    """One sub-folder per class with JPEG and PNG files; each class has its own colour."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(CLASSES):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            pixels = np.full((size[1], size[0], 3), 40 + 90 * label, np.uint8)
+            pixels = np.clip(pixels + rng.integers(0, 30, pixels.shape), 0, 255).astype(np.uint8)
+            ext = "jpg" if i % 2 else "png"
+            Image.fromarray(pixels).save(os.path.join(root, name, f"{name} {i}.{ext}"))
+    return str(root)
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    return write_image_folder(tmp_path / "images")
+
+
+def save_tiny_hub_model(path):
+    """A TF2 SavedModel usable by hub.KerasLayer: float32 [b, h, w, 3] -> [b, 4], with BN."""
+    import tf_keras as keras
+
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, strides=2)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    outputs = keras.layers.GlobalAveragePooling2D()(x)
+    tf.saved_model.save(keras.Model(inputs, outputs), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_hub_model(tmp_path_factory):
+    return save_tiny_hub_model(tmp_path_factory.mktemp("hub") / "tiny_feature_vector")
+
+
+@pytest.fixture(autouse=True)
+def float32_policy():
+    """Tests that set a mixed-precision policy must not leak it to the next test."""
+    import tf_keras as keras
+
+    yield
+    keras.mixed_precision.set_global_policy("float32")
