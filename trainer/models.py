@@ -15,7 +15,7 @@ import tensorflow as tf
 import tf_keras as keras
 from absl import logging
 
-from trainer.config import ModelConfig, UserError, is_pretrained
+from trainer.config import HUB_BACKBONES, ModelConfig, UserError, is_pretrained
 
 HUB_RESNET50_HANDLE = "https://tfhub.dev/google/imagenet/resnet_v1_50/feature_vector/5"
 BIT_HANDLE = "https://tfhub.dev/google/bit/{variant}/1"
@@ -38,10 +38,35 @@ class CaffePreprocess(keras.layers.Layer):
         return bgr - tf.constant(IMAGENET_BGR_MEANS, tf.float32)
 
 
+def check_backbone_source(config: ModelConfig) -> None:
+    """Fails fast, before any data is read, on a local weights file or hub directory that
+    cannot be used.
+
+    Raises:
+      UserError: names --weights or --hub_handle.
+    """
+    if config.backbone == "resnet50" and config.weights not in ("imagenet", "none"):
+        if not os.path.isfile(config.weights):
+            raise UserError(f"--weights={config.weights} is not a file (nor imagenet or none).")
+    if config.backbone not in HUB_BACKBONES:
+        return
+    handle = hub_handle(config)
+    if "://" in handle:
+        return
+    if not os.path.isdir(handle):
+        raise UserError(f"--hub_handle={handle} is neither a URL nor a directory.")
+    if os.path.exists(os.path.join(handle, "tfhub_module.pb")):
+        if config.trainable:
+            raise UserError(
+                f"--hub_handle={handle} is a TF1 Hub module, which cannot be fine-tuned; "
+                "use a TF2 SavedModel or --notrainable.")
+    elif not os.path.exists(os.path.join(handle, "saved_model.pb")):
+        raise UserError(f"--hub_handle={handle} is not a SavedModel directory "
+                        "(no saved_model.pb).")
+
+
 def _keras_resnet50(config: ModelConfig, image_size: int) -> Backbone:
     weights = None if config.weights == "none" else config.weights
-    if weights not in (None, "imagenet") and not os.path.isfile(weights):
-        raise UserError(f"--weights={weights} is not a file (nor imagenet or none).")
     shape = (image_size, image_size, 3)
     try:
         resnet = keras.applications.ResNet50(
@@ -68,26 +93,10 @@ def hub_handle(config: ModelConfig) -> str:
     return HUB_RESNET50_HANDLE
 
 
-def _check_local_hub_handle(handle: str, trainable: bool) -> None:
-    if "://" in handle:
-        return
-    if not os.path.isdir(handle):
-        raise UserError(f"--hub_handle={handle} is neither a URL nor a directory.")
-    if os.path.exists(os.path.join(handle, "tfhub_module.pb")):
-        if trainable:
-            raise UserError(
-                f"--hub_handle={handle} is a TF1 Hub module, which cannot be fine-tuned; "
-                "use a TF2 SavedModel or --notrainable.")
-    elif not os.path.exists(os.path.join(handle, "saved_model.pb")):
-        raise UserError(f"--hub_handle={handle} is not a SavedModel directory "
-                        "(no saved_model.pb).")
-
-
 def _hub_backbone(config: ModelConfig, image_size: int) -> Backbone:
     import tensorflow_hub as hub  # imported here: only hub backbones pay for it
 
     handle = hub_handle(config)
-    _check_local_hub_handle(handle, config.trainable)
     try:
         # Mixed precision does not reach inside a SavedModel: it keeps its dtypes.
         layer = hub.KerasLayer(handle, trainable=config.trainable, dtype="float32",
@@ -165,6 +174,7 @@ def create_model(config: ModelConfig, num_classes: int, image_size: int) -> kera
     Raises:
       UserError: weights or hub handle cannot be used; names the flag.
     """
+    check_backbone_source(config)
     backbone = BACKBONES[config.backbone](config, image_size)
     backbone.network.trainable = config.trainable
     if not backbone.mixed_precision and keras.mixed_precision.global_policy().name != "float32":

@@ -123,6 +123,7 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
     distribute.set_precision(precision)
     keras.utils.set_random_seed(config.seed)
 
+    models.check_backbone_source(config.model)  # before a long data download
     source = data.create_data_source(config.data, config.seed)
     steps_per_epoch = data.steps_per_epoch(source.sizes["train"], global_batch_size)
     logging.info("Data: %d classes, %d training and %d validation examples, %d steps per epoch.",

@@ -1,0 +1,125 @@
+"""End to end: a tiny run writes every artefact; a killed run resumes without repeating epochs."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from trainer import config as config_lib
+from trainer import train
+from trainer.config import UserError
+
+TINY = {"experiment": "smoke", "synthetic_examples": 120, "image_size": 16, "wrn_width": 1,
+        "batch_size": 8, "epochs": 2}
+
+
+def tiny_config(workdir, **values):
+    return config_lib.resolve(config_lib.override(
+        config_lib.preset("smoke"), {**TINY, "workdir": str(workdir), **values}))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run") / "smoke"
+    summary = train.train_and_evaluate(tiny_config(workdir))
+    return workdir, summary
+
+
+def tags(logdir):
+    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return set(acc.Tags()["tensors"])
+
+
+def test_run_writes_every_artefact(finished_run):
+    workdir, summary = finished_run
+    for name in ("config.json", "history.csv", "summary.json", "export/saved_model.pb",
+                 "export/labels.txt", "checkpoints/best.index"):
+        assert (workdir / name).exists(), name
+    assert os.listdir(workdir / "backup")
+    assert config_lib.from_json((workdir / "config.json").read_text()) == tiny_config(workdir)
+    with open(workdir / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_sec"} <= set(rows[0])
+    on_disk = json.loads((workdir / "summary.json").read_text())
+    assert on_disk == summary
+    for key in ("best_val_accuracy", "final_val_accuracy", "epochs_completed", "train_images_per_sec",
+                "wall_time_sec", "num_replicas", "precision"):
+        assert key in summary, key
+    assert summary["epochs_completed"] == 2 and summary["num_replicas"] == 1
+    assert summary["best_val_accuracy"] == max(float(row["val_accuracy"]) for row in rows)
+    assert summary["precision"] in ("float32", "mixed_bfloat16")
+
+
+def test_tensorboard_logs_have_the_expected_tags(finished_run):
+    workdir, _ = finished_run
+    assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate", "epoch_images_per_sec",
+            "input_images"} <= tags(workdir / "train")
+    assert {"epoch_loss", "epoch_accuracy"} <= tags(workdir / "validation")
+    assert "_hparams_/session_start_info" in tags(workdir)
+
+
+def test_export_serves_uint8_images_with_labels(finished_run):
+    workdir, summary = finished_run
+    labels = (workdir / "export" / "labels.txt").read_text().split()
+    assert len(labels) == summary["num_classes"] == 5
+    serve = tf.saved_model.load(str(workdir / "export")).signatures["serving_default"]
+    images = tf.constant(np.random.default_rng(0).integers(0, 255, (3, 16, 16, 3)), tf.uint8)
+    (probabilities,) = serve(image=images).values()
+    assert probabilities.shape == (3, 5)
+    np.testing.assert_allclose(probabilities.numpy().sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_finished_run_is_left_alone_and_other_settings_are_refused(finished_run):
+    workdir, summary = finished_run
+    before = (workdir / "history.csv").read_text()
+    assert train.train_and_evaluate(tiny_config(workdir)) == summary
+    assert (workdir / "history.csv").read_text() == before
+    with pytest.raises(UserError, match="--epochs"):
+        train.train_and_evaluate(tiny_config(workdir, epochs=5))
+
+
+def test_batch_size_must_divide_over_replicas(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path / "run", batch_size=7, strategy="mirrored")
+    monkeypatch.setattr(train.distribute, "create_strategy",
+                        lambda _: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    with pytest.raises(UserError, match="--batch_size=7 .* 2 replicas"):
+        train.train_and_evaluate(config)
+
+
+def trainer_command(workdir, epochs):
+    return [sys.executable, "-m", "trainer.main", "--experiment=smoke", f"--workdir={workdir}",
+            f"--epochs={epochs}", "--noexport"]
+
+
+def test_killed_smoke_run_resumes_without_repeating_an_epoch_and_learns(tmp_path):
+    workdir = tmp_path / "killed"
+    history = workdir / "history.csv"
+    first = subprocess.Popen(trainer_command(workdir, 3), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None:
+        if history.exists() and len(history.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert len(history.read_text().splitlines()) == 2, "killed after exactly one epoch"
+    second = subprocess.run(trainer_command(workdir, 3), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Epoch 1/3:" not in second.stderr  # resumed at epoch 2
+    with open(history) as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2", "3"]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["epochs_completed"] == 3
+    # The smoke preset's synthetic data has 5 classes: chance is 0.2.
+    assert summary["best_val_accuracy"] > 0.5
