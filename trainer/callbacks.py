@@ -10,6 +10,8 @@ import csv
 import io
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -22,6 +24,14 @@ HISTORY_FILE = "history.csv"
 BACKUP_DIR = "backup"
 BEST_CHECKPOINT = os.path.join("checkpoints", "best")
 MONITOR = "val_accuracy"
+
+
+class TrainingError(Exception):
+    """The run cannot go on (the loss diverged, a peer worker was lost); rerunning as is will not help."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; training stopped with the backup at the last completed epoch."""
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -68,7 +78,45 @@ class EpochStats(keras.callbacks.Callback):
             logs["images_per_sec"], logs["epoch_seconds"])
         self._epoch_start = 0.0
         if not math.isfinite(logs.get("loss", 0.0)):
-            self.model.stop_training = True
+            # Raised before the backup callback runs, so the backup keeps the last
+            # finite weights; history.csv and the best checkpoint stay as they were.
+            raise TrainingError(
+                f"The loss became {logs['loss']} in epoch {epoch + 1}; training stopped. "
+                "Lower --learning_rate and start again in a new --workdir; the best "
+                "checkpoint and the logs so far are kept.")
+
+
+class StopOnSigterm(keras.callbacks.Callback):
+    """Turns SIGTERM (what Kubernetes sends a pod before killing it) into a clean stop.
+
+    The signal handler only sets a flag. The next step boundary raises Preempted,
+    before any end-of-epoch callback, so the backup stays at the last completed
+    epoch and a rerun resumes there. Use as a context manager around `fit`: it
+    owns the SIGTERM handler only for that long.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._supports_tf_logs = True  # the check needs no logs: never sync them
+        self._signalled = False
+        self._previous = None
+
+    def __enter__(self) -> StopOnSigterm:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self._signalled = True
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._signalled:
+            raise Preempted("SIGTERM received: stopped during an epoch; the backup holds the "
+                            "last completed epoch. Rerun the same command to resume.")
 
 
 class HistoryCSV(keras.callbacks.Callback):

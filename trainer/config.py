@@ -63,6 +63,7 @@ class TrainConfig:
     precision: str = "auto"
     strategy: str = "auto"
     tpu: str | None = None  # TPU name or "local" on a TPU VM
+    collective_timeout_sec: int = 600  # multi-worker: a silent peer ends the run after this
     steps_per_execution: int = 1  # train steps per tf.function call
     jit_compile: str = "auto"  # "auto" turns XLA on for GPUs only
     export: bool = True  # write the serving SavedModel at the end
@@ -245,6 +246,8 @@ def check(config: Config) -> None:
              f"--early_stopping_patience must be 0 (off) or more, got {train.early_stopping_patience}.")
     _require(train.learning_rate is not None and 0.0 < train.learning_rate <= 10.0,
              f"--learning_rate must be in (0, 10], got {train.learning_rate}.")
+    _require(train.collective_timeout_sec >= 1,
+             f"--collective_timeout_sec must be at least 1, got {train.collective_timeout_sec}.")
     _require(train.steps_per_execution >= 1,
              f"--steps_per_execution must be at least 1, got {train.steps_per_execution}.")
     _require(0.0 <= model.dropout_rate < 1.0,

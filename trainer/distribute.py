@@ -86,7 +86,10 @@ def create_strategy(config: TrainConfig) -> tf.distribute.Strategy:
         if parse_tf_config() is None:
             raise UserError("--strategy=multi_worker needs TF_CONFIG (the cluster and this "
                             "worker's index); see k8s/README.md.")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        # Without a timeout, a lost peer leaves the others waiting forever.
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=config.collective_timeout_sec)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "one_device":

@@ -11,14 +11,18 @@ import sys
 
 from absl import app, flags, logging
 
-from trainer import config as config_lib
-
 # tensorflow_hub defines --tfhub_cache_dir and --tfhub_model_load_format;
 # importing it makes them valid here (never redefine them).
-import tensorflow_hub  # noqa: E402,F401  pylint: disable=unused-import
+import tensorflow_hub  # noqa: F401  pylint: disable=unused-import
+
+from trainer import config as config_lib
+from trainer import train
+from trainer.callbacks import Preempted, TrainingError
 
 _D = config_lib.Config()
 EXIT_USAGE = 2  # absl's code for a usage error: fix the named flag or file
+EXIT_TRAINING_FAILED = 3  # diverged or lost a peer: rerunning as is will not help
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: progress is saved, rerun the same command
 
 flags.DEFINE_enum("experiment", None, list(config_lib.PRESETS),
                   "Named preset; flags given explicitly override it.")
@@ -60,6 +64,8 @@ flags.DEFINE_float("learning_rate", None, "Default: per preset; else 1e-5 to fin
 flags.DEFINE_string("precision", _D.train.precision, ", ".join(config_lib.PRECISIONS) + ".")
 flags.DEFINE_string("strategy", _D.train.strategy, ", ".join(config_lib.STRATEGIES) + ".")
 flags.DEFINE_string("tpu", None, "TPU name, or local on a TPU VM.")
+flags.DEFINE_integer("collective_timeout_sec", _D.train.collective_timeout_sec,
+                     "Multi-worker: seconds a collective may wait for a silent peer.")
 flags.DEFINE_integer("steps_per_execution", _D.train.steps_per_execution, "Passed to compile.")
 flags.DEFINE_string("jit_compile", _D.train.jit_compile, "auto (XLA on GPUs only), true or false.")
 flags.DEFINE_bool("export", _D.train.export, "Write the serving SavedModel at the end.")
@@ -70,10 +76,10 @@ FLAGS = flags.FLAGS
 CONFIG_FLAGS = tuple(config_lib.flatten(_D)) + ("batch_size",)
 
 
-def fail(message: str) -> None:
-    """Prints a one-paragraph error and exits with the usage-error code."""
+def fail(message: str, exit_code: int = EXIT_USAGE) -> None:
+    """Prints a one-paragraph error (no traceback) and exits with `exit_code`."""
     sys.stderr.write(f"error: {message}\n")
-    sys.exit(EXIT_USAGE)
+    sys.exit(exit_code)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -104,14 +110,16 @@ def main(argv: list[str]) -> None:
         if FLAGS.print_config:
             sys.stdout.write(config_lib.to_json(config) + "\n")
             return
-        from trainer import train  # TensorFlow devices are touched from here on.
-
         # TensorFlow's INFO lines (checkpoint sharding, asset writes) drown the epoch lines.
         std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
 
         train.train_and_evaluate(config)
     except config_lib.UserError as e:
         fail(str(e))
+    except TrainingError as e:
+        fail(str(e), EXIT_TRAINING_FAILED)
+    except Preempted as e:
+        fail(str(e), EXIT_PREEMPTED)
     logging.info("Done: %s", config.workdir)
 
 

@@ -6,15 +6,16 @@ workdir resumes an interrupted run and leaves a finished one alone.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
 import statistics
 import sys
-import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
-import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 from absl import logging
@@ -22,6 +23,7 @@ from absl import logging
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
 from trainer import data, distribute, export, models
+from trainer.callbacks import TrainingError
 from trainer.config import Config, UserError
 
 CONFIG_FILE = "config.json"
@@ -29,23 +31,50 @@ SUMMARY_FILE = "summary.json"
 PREVIEW_IMAGES = 8  # input images shown in TensorBoard
 
 
-class TrainingError(Exception):
-    """Training diverged (loss became NaN or infinite)."""
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def locked_workdir(workdir: str, chief: bool) -> Iterator[None]:
+    """Creates the workdir and, on the chief, holds its lock for the whole run.
+
+    The lock is an flock, which the kernel drops when its process dies: a killed
+    run never leaves a stale lock, and a live one keeps a second run out.
+
+    Raises:
+      UserError: the workdir is not writable, or another live run holds it.
+    """
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        lock = open(os.path.join(workdir, LOCK_FILE), "a+") if chief else None
+    except OSError as e:
+        raise UserError(f"--workdir={workdir} is not writable ({e.strerror}).") from None
+    if lock is None:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise UserError(
+                f"--workdir={workdir} is in use by another run ({lock.read().strip()}); let it "
+                "finish or stop it, or use another --workdir.") from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
+        lock.flush()
+        yield
+    finally:
+        lock.close()  # releases the flock
 
 
 def prepare_workdir(config: Config, chief: bool) -> dict[str, Any] | None:
-    """Creates the workdir, checks it holds this config, and returns a finished run's summary.
+    """Checks the workdir holds this config (recording it if new); returns a finished run's summary.
 
     Raises:
-      UserError: the workdir is not writable, or holds a run of another config.
+      UserError: the workdir holds a run of another config.
     """
     workdir = config.workdir
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-")
-        probe.close()
-    except OSError as e:
-        raise UserError(f"--workdir={workdir} is not writable ({e.strerror}).") from None
     config_path = os.path.join(workdir, CONFIG_FILE)
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -62,6 +91,22 @@ def prepare_workdir(config: Config, chief: bool) -> dict[str, Any] | None:
         with open(summary_path) as f:
             return json.load(f)
     return None
+
+
+@contextlib.contextmanager
+def lost_peer_is_an_error(strategy: tf.distribute.Strategy) -> Iterator[None]:
+    """Under MultiWorkerMirroredStrategy, turns a collective that timed out or lost its
+    peer into a TrainingError that says what to do."""
+    try:
+        yield
+    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError,
+            tf.errors.CancelledError, tf.errors.AbortedError) as e:
+        if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            raise
+        raise TrainingError(
+            f"A peer worker stopped answering ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}). Restart all workers with the same command: "
+            "they resume from the last completed epoch.") from None
 
 
 def create_optimizer(config: config_lib.TrainConfig) -> keras.optimizers.Optimizer:
@@ -99,10 +144,16 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
       UserError: bad data, weights, hub handle or settings; names the flag.
       TrainingError: the loss diverged.
     """
-    workdir = config.workdir
     # The strategy comes first: under TF_CONFIG it decides who the chief is.
     strategy = distribute.create_strategy(config.train)
     chief = distribute.is_chief(strategy)
+    with locked_workdir(config.workdir, chief):
+        return _train_and_evaluate(config, strategy, chief)
+
+
+def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
+                        chief: bool) -> dict[str, Any]:
+    workdir = config.workdir
     done = prepare_workdir(config, chief)
     if done is not None:
         logging.info("The run in %s is already complete (best val accuracy %.4f); "
@@ -144,18 +195,13 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
             workdir, config_lib.flatten(config), source.preview(PREVIEW_IMAGES))
 
     started = time.time()
-    fit = model.fit(
-        train_ds, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
-        validation_data=val_ds, verbose=1 if sys.stdout.isatty() else 2,
-        callbacks=callbacks_lib.create_callbacks(
-            workdir, epochs=config.train.epochs, patience=config.train.early_stopping_patience,
-            images_per_epoch=steps_per_epoch * global_batch_size, chief=chief))
-    losses = fit.history.get("loss", [])
-    if losses and not np.isfinite(losses[-1]):
-        raise TrainingError(
-            f"The loss became {losses[-1]} in epoch {fit.epoch[-1] + 1}; training stopped. "
-            f"Lower --learning_rate (now {config.train.learning_rate}). The best checkpoint "
-            f"and the logs so far are in {workdir}.")
+    callbacks = callbacks_lib.create_callbacks(
+        workdir, epochs=config.train.epochs, patience=config.train.early_stopping_patience,
+        images_per_epoch=steps_per_epoch * global_batch_size, chief=chief)
+    with callbacks_lib.StopOnSigterm() as sigterm, lost_peer_is_an_error(strategy):
+        model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
+                  validation_data=val_ds, verbose=1 if sys.stdout.isatty() else 2,
+                  callbacks=[sigterm, *callbacks])
 
     _, final_val_accuracy = model.evaluate(val_ds, verbose=0)
     if config.train.export:
