@@ -10,6 +10,8 @@ import contextlib
 import fcntl
 import json
 import os
+import re
+import shutil
 import socket
 import statistics
 import sys
@@ -68,6 +70,15 @@ def locked_workdir(workdir: str, chief: bool) -> Iterator[None]:
         lock.close()  # releases the flock
 
 
+def remove_stale_temporaries(workdir: str) -> None:
+    """Removes what a killed run's write-then-rename left (`NAME.tmp-PID`, `NAME.old-PID`)."""
+    for name in os.listdir(workdir):
+        if re.search(r"\.(tmp|old)-\d+$", name):
+            path = os.path.join(workdir, name)
+            logging.info("Removing %s, left by an interrupted run.", path)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
 def prepare_workdir(config: Config, chief: bool) -> dict[str, Any] | None:
     """Checks the workdir holds this config (recording it if new); returns a finished run's summary.
 
@@ -75,6 +86,8 @@ def prepare_workdir(config: Config, chief: bool) -> dict[str, Any] | None:
       UserError: the workdir holds a run of another config.
     """
     workdir = config.workdir
+    if chief:  # under the lock: no other writer is alive
+        remove_stale_temporaries(workdir)
     config_path = os.path.join(workdir, CONFIG_FILE)
     if os.path.exists(config_path):
         with open(config_path) as f:
