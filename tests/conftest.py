@@ -52,6 +52,20 @@ def tiny_hub_model(tmp_path_factory):
     return save_tiny_hub_model(tmp_path_factory.mktemp("hub") / "tiny_feature_vector")
 
 
+def run_main(argv, capsys):
+    """Runs the command line in-process on argv; returns (exit code, stdout, stderr)."""
+    from trainer import main
+
+    main.FLAGS.unparse_flags()
+    code = 0
+    try:
+        main.main(main.parse_flags(["trainer"] + argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(autouse=True)
 def float32_policy():
     """Tests that set a mixed-precision policy must not leak it to the next test."""

@@ -6,20 +6,7 @@ import sys
 
 import pytest
 
-from trainer import main
-
-
-def run_main(argv, capsys):
-    """Parses argv and runs main in-process; returns (exit code, stdout, stderr)."""
-    main.FLAGS.unparse_flags()
-    code = 0
-    try:
-        args = main.parse_flags(["trainer"] + argv)
-        main.main(args)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import run_main
 
 
 def test_print_config_resolves_preset_and_explicit_flags(capsys):
