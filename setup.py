@@ -25,6 +25,9 @@ setup(
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",
+            # tests/test_k8s.py: Kubernetes OpenAPI schemas (shipped, work offline), YAML.
+            "kubernetes-validate>=1.31",
+            "PyYAML>=6",
         ],
         # TPU VMs (--tpu=local, what GKE uses) need nothing more. cloud-tpu-client
         # is left out on purpose: its 0.10 release downgrades protobuf below what

@@ -105,6 +105,13 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return strategy.extended.should_checkpoint
 
 
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    """Worker processes taking part in the strategy (1 unless multi-worker)."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return strategy.cluster_resolver.cluster_spec().num_tasks("worker")
+    return 1
+
+
 def choose_precision(config: TrainConfig, strategy: tf.distribute.Strategy) -> tuple[str, str]:
     """Returns (policy name, reason) for `config.precision` on this hardware."""
     if config.precision != "auto":

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -129,6 +131,14 @@ def create_optimizer(config: config_lib.TrainConfig) -> keras.optimizers.Optimiz
     return keras.optimizers.Adam(config.learning_rate)
 
 
+def weights_fingerprint(model: keras.Model) -> str:
+    """A short hash of all the model's weights, to compare workers' copies."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(weight.tobytes())
+    return digest.hexdigest()[:16]
+
+
 def summarize(history: list[dict[str, Any]], final_val_accuracy: float, **extra: Any) -> dict:
     """The run's summary.json from its history.csv rows and the final evaluation."""
     best = max(history, key=lambda row: row.get("val_accuracy", -1.0))
@@ -211,12 +221,22 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
     callbacks = callbacks_lib.create_callbacks(
         workdir, epochs=config.train.epochs, patience=config.train.early_stopping_patience,
         images_per_epoch=steps_per_epoch * global_batch_size, chief=chief)
+    validation_steps = None
+    if distribute.num_workers(strategy) > 1:
+        # Keras needs a step count for multi-worker input. Every worker reads the
+        # whole validation split (see DataSource.dataset): count its batches.
+        local_replicas = replicas // distribute.num_workers(strategy)
+        validation_steps = math.ceil(
+            math.ceil(source.sizes["val"] / per_replica_batch_size) / local_replicas)
     with callbacks_lib.StopOnSigterm() as sigterm, lost_peer_is_an_error(strategy):
         model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
-                  validation_data=val_ds, verbose=1 if sys.stdout.isatty() else 2,
-                  callbacks=[sigterm, *callbacks])
+                  validation_data=val_ds, validation_steps=validation_steps,
+                  verbose=1 if sys.stdout.isatty() else 2, callbacks=[sigterm, *callbacks])
 
-    _, final_val_accuracy = model.evaluate(val_ds, verbose=0)
+    with lost_peer_is_an_error(strategy):
+        _, final_val_accuracy = model.evaluate(val_ds, steps=validation_steps, verbose=0)
+    # Equal on every worker when replicas stayed in sync: compare across worker logs.
+    logging.info("Final weights fingerprint: %s", weights_fingerprint(model))
     if config.train.export:
         export.export_model(model, source.class_names, workdir, chief)
     if config.train.export_backbone:
