@@ -1,7 +1,6 @@
 """Bad input gets a clear error or is skipped with a count: image files, flags, hub models, TF_CONFIG."""
 
 import json
-import os
 import string
 
 import numpy as np

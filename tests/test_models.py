@@ -1,6 +1,5 @@
 """Backbones + head: build, run a training step, precision policies, hub loading."""
 
-import os
 
 import numpy as np
 import pytest

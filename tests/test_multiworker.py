@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRYPOINT = os.path.join(REPO, "scripts", "k8s_entrypoint.sh")
