@@ -177,9 +177,9 @@ def test_jobs_resume_after_preemption_and_stop_on_usage_errors(rendered, overlay
     # podFailurePolicy needs restartPolicy Never; retries are new pods.
     assert spec["restartPolicy"] == "Never"
     assert job["spec"]["backoffLimit"] >= 3
-    # The trainer's exit codes: 2 usage error, 3 diverged (or, multi-worker
-    # only, lost a peer: a restart of all workers resumes), 143 SIGTERM.
-    fail_codes = [2] if overlay == "multiworker" else [2, 3]
+    # The trainer's exit codes: 2 usage error, 3 diverged (both fail the Job),
+    # 4 lost a multi-worker peer (retried: restarting resumes), 143 SIGTERM.
+    fail_codes = [2, 3]
     fail_rule, sigterm_rule, disruption_rule = job["spec"]["podFailurePolicy"]["rules"]
     assert fail_rule == {"action": "FailJob", "onExitCodes": {
         "containerName": "trainer", "operator": "In", "values": fail_codes}}

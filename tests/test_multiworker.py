@@ -1,16 +1,19 @@
-"""Two workers on 127.0.0.1, configured as the multi-worker pods are, train together."""
+"""Two workers on 127.0.0.1, configured by the pods' entry script, train together; a lost peer
+ends the survivor with a clear error and both resume."""
 
+import csv
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
-
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRYPOINT = os.path.join(REPO, "scripts", "k8s_entrypoint.sh")
 TINY = ["--experiment=smoke", "--strategy=multi_worker", "--synthetic_examples=320", "--image_size=16",
-        "--wrn_width=1", "--batch_size=16", "--epochs=2", "--collective_timeout_sec=60"]
+        "--wrn_width=1", "--batch_size=16", "--epochs=3", "--collective_timeout_sec=20"]
 
 
 def free_ports(count):
@@ -23,14 +26,15 @@ def free_ports(count):
     return ports
 
 
-def start_workers(workdir, extra=()):
+def start_workers(workdir):
+    """Both workers, with the environment an Indexed Job's pods get."""
     hosts = ",".join(f"127.0.0.1:{port}" for port in free_ports(2))
     workers = []
     for index in range(2):
         env = {**os.environ, "WORKER_HOSTS": hosts, "JOB_COMPLETION_INDEX": str(index),
                "TRAINER_CMD": f"{sys.executable} -m trainer.main"}
         env.pop("TF_CONFIG", None)
-        workers.append(subprocess.Popen(["bash", ENTRYPOINT, f"--workdir={workdir}", *TINY, *extra],
+        workers.append(subprocess.Popen(["bash", ENTRYPOINT, f"--workdir={workdir}", *TINY],
                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         text=True))
     return workers
@@ -42,19 +46,37 @@ def fingerprint(log):
     return found[-1]
 
 
-def test_two_workers_train_together_and_only_the_chief_writes(tmp_path):
+def epochs_in_history(workdir):
+    if not (workdir / "history.csv").exists():
+        return []
+    with open(workdir / "history.csv") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def test_lost_peer_ends_the_survivor_then_both_resume_and_only_the_chief_writes(tmp_path):
     workdir = tmp_path / "run"
+    chief, other = start_workers(workdir)
+    deadline = time.time() + 300
+    while not epochs_in_history(workdir) and time.time() < deadline:
+        assert chief.poll() is None and other.poll() is None
+        time.sleep(0.1)
+    other.send_signal(signal.SIGKILL)  # the peer vanishes (node lost)
+    other.wait()
+    _, log = chief.communicate(timeout=300)  # a timeout, never a hang
+    assert chief.returncode == 4, log[-3000:]
+    assert "A peer worker stopped answering" in log and "Traceback" not in log
+
     workers = start_workers(workdir)
     logs = [w.communicate(timeout=600)[1] for w in workers]
     for worker, log in zip(workers, logs):
         assert worker.returncode == 0, log[-3000:]
         assert re.search(r"Strategy \w+ with 2 replicas", log), log[-3000:]
-    assert fingerprint(logs[0]) == fingerprint(logs[1])
-    for name in ("summary.json", "history.csv", "config.json", "export/saved_model.pb",
-                 "train", "validation"):
+        assert "Epoch 1/3:" not in log  # resumed from the backup
+    assert fingerprint(logs[0]) == fingerprint(logs[1])  # replicas stayed in sync
+    assert epochs_in_history(workdir) == [1, 2, 3]
+    for name in ("summary.json", "config.json", "export/saved_model.pb", "train", "validation"):
         assert (workdir / name).exists(), name
     assert '"num_replicas": 2' in (workdir / "summary.json").read_text()
     # Keras sends a non-chief's writes to workertemp_* directories and removes them.
-    leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(workdir) for n in dirs + files
-                 if "workertemp" in n]
+    leftovers = [n for _, dirs, files in os.walk(workdir) for n in dirs + files if "workertemp" in n]
     assert not leftovers

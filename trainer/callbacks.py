@@ -27,7 +27,7 @@ MONITOR = "val_accuracy"
 
 
 class TrainingError(Exception):
-    """The run cannot go on (the loss diverged, a peer worker was lost); rerunning as is will not help."""
+    """The loss diverged: rerunning as is will not help."""
 
 
 class Preempted(Exception):

@@ -21,7 +21,8 @@ from trainer.callbacks import Preempted, TrainingError
 
 _D = config_lib.Config()
 EXIT_USAGE = 2  # absl's code for a usage error: fix the named flag or file
-EXIT_TRAINING_FAILED = 3  # diverged or lost a peer: rerunning as is will not help
+EXIT_TRAINING_FAILED = 3  # the loss diverged: rerunning as is will not help
+EXIT_PEER_LOST = 4  # a multi-worker peer vanished: restart all workers to resume
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: progress is saved, rerun the same command
 
 flags.DEFINE_enum("experiment", None, list(config_lib.PRESETS),
@@ -118,6 +119,8 @@ def main(argv: list[str]) -> None:
         fail(str(e))
     except TrainingError as e:
         fail(str(e), EXIT_TRAINING_FAILED)
+    except train.PeerLost as e:
+        fail(str(e), EXIT_PEER_LOST)
     except Preempted as e:
         fail(str(e), EXIT_PREEMPTED)
     logging.info("Done: %s", config.workdir)

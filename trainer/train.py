@@ -27,7 +27,6 @@ from absl import logging
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
 from trainer import data, distribute, export, models
-from trainer.callbacks import TrainingError
 from trainer.config import Config, UserError
 
 CONFIG_FILE = "config.json"
@@ -108,20 +107,24 @@ def prepare_workdir(config: Config, chief: bool) -> dict[str, Any] | None:
     return None
 
 
+class PeerLost(Exception):
+    """A multi-worker peer stopped answering; restarting all workers resumes the run."""
+
+
 @contextlib.contextmanager
 def lost_peer_is_an_error(strategy: tf.distribute.Strategy) -> Iterator[None]:
     """Under MultiWorkerMirroredStrategy, turns a collective that timed out or lost its
-    peer into a TrainingError that says what to do."""
+    peer into PeerLost, which says what to do (TensorFlow has logged the details)."""
     try:
         yield
     except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError,
             tf.errors.CancelledError, tf.errors.AbortedError) as e:
         if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             raise
-        raise TrainingError(
-            f"A peer worker stopped answering ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}). Restart all workers with the same command: "
-            "they resume from the last completed epoch.") from None
+        raise PeerLost(
+            f"A peer worker stopped answering ({type(e).__name__}; see TensorFlow's messages "
+            "above). Restart all workers with the same command: they resume from the last "
+            "completed epoch.") from None
 
 
 def create_optimizer(config: config_lib.TrainConfig) -> keras.optimizers.Optimizer:
@@ -165,7 +168,9 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
 
     Raises:
       UserError: bad data, weights, hub handle or settings; names the flag.
-      TrainingError: the loss diverged.
+      callbacks.TrainingError: the loss diverged.
+      callbacks.Preempted: SIGTERM arrived; the backup is at the last completed epoch.
+      PeerLost: a multi-worker peer stopped answering.
     """
     # The strategy comes first: under TF_CONFIG it decides who the chief is.
     strategy = distribute.create_strategy(config.train)
