@@ -248,8 +248,9 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
         export.export_backbone(model, config.data.image_size, workdir, chief)
     if not chief:
         return {}
+    history = callbacks_lib.read_history(os.path.join(workdir, callbacks_lib.HISTORY_FILE))
     summary = summarize(
-        callbacks_lib.read_history(os.path.join(workdir, callbacks_lib.HISTORY_FILE)), float(final_val_accuracy), num_replicas=replicas, precision=precision,
+        history, float(final_val_accuracy), num_replicas=replicas, precision=precision,
         strategy=type(strategy).__name__.lstrip("_"), jit_compile=jit_compile,
         global_batch_size=global_batch_size, num_classes=source.num_classes,
         train_examples=source.sizes["train"], val_examples=source.sizes["val"],
