@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -91,6 +92,18 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f"{e}. Run with --helpshort for the flags.")
 
 
+def _is_trainer_or_warning(record: std_logging.LogRecord) -> bool:
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(package_dir)
+
+
+def quiet_library_info_lines() -> None:
+    """Keeps the trainer's INFO lines and everyone's warnings: TensorFlow's INFO lines
+    (checkpoint sharding, SavedModel tracing) drown the one line per epoch."""
+    logging.get_absl_handler().addFilter(_is_trainer_or_warning)
+    std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
+
+
 def config_from_flags(flag_values: flags.FlagValues) -> config_lib.Config:
     """Preset (or defaults) overridden by every flag given on the command line."""
     given = {
@@ -111,8 +124,7 @@ def main(argv: list[str]) -> None:
         if FLAGS.print_config:
             sys.stdout.write(config_lib.to_json(config) + "\n")
             return
-        # TensorFlow's INFO lines (checkpoint sharding, asset writes) drown the epoch lines.
-        std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
+        quiet_library_info_lines()
 
         train.train_and_evaluate(config)
     except config_lib.UserError as e:

@@ -194,10 +194,11 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
         raise UserError(f"--batch_size={global_batch_size} must divide evenly over the "
                         f"{replicas} replicas; use a multiple of {replicas}.")
     per_replica_batch_size = global_batch_size // replicas
+    strategy_name = type(strategy).__name__.lstrip("_")
     precision, why = distribute.choose_precision(config.train, strategy)
     jit_compile, jit_why = distribute.choose_jit_compile(config.train, strategy)
     logging.info("Strategy %s with %d replicas (batch %d each); precision %s (%s); "
-                 "jit_compile %s (%s).", type(strategy).__name__, replicas,
+                 "jit_compile %s (%s).", strategy_name, replicas,
                  per_replica_batch_size, precision, why, jit_compile, jit_why)
     distribute.set_precision(precision)
     keras.utils.set_random_seed(config.seed)
@@ -251,7 +252,7 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
     history = callbacks_lib.read_history(os.path.join(workdir, callbacks_lib.HISTORY_FILE))
     summary = summarize(
         history, float(final_val_accuracy), num_replicas=replicas, precision=precision,
-        strategy=type(strategy).__name__.lstrip("_"), jit_compile=jit_compile,
+        strategy=strategy_name, jit_compile=jit_compile,
         global_batch_size=global_batch_size, num_classes=source.num_classes,
         train_examples=source.sizes["train"], val_examples=source.sizes["val"],
         last_process_sec=time.time() - started)
