@@ -1,0 +1,162 @@
+"""scripts/run_experiments.sh on tiny runs (skip, resume, retry, keep going) and the stripes task script."""
+
+import csv
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer import config as config_lib
+from trainer import data
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
+RUN_EXPERIMENTS = os.path.join(SCRIPTS, "run_experiments.sh")
+TINY = ["--synthetic_examples=64", "--image_size=16", "--wrn_width=1", "--batch_size=16",
+        "--epochs=1", "--noexport"]
+SIX = ["resnet50_scratch", "resnet50_imagenet_finetune", "resnet50_hub_transfer",
+       "resnet50_hub_finetune", "bit_transfer", "bit_finetune"]
+
+
+def run_script(*args, python=sys.executable, env=None, **popen):
+    command = ["bash", RUN_EXPERIMENTS, *args]
+    environment = {**os.environ, "PYTHON": python, **(env or {})}
+    if popen:
+        return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Two tiny runs of the smoke preset through the script."""
+    workdir = tmp_path_factory.mktemp("sweep")
+    result = run_script(f"--workdir={workdir}", "--presets=a=smoke,b=smoke", *TINY)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return workdir, result
+
+
+def test_presets_run_in_their_own_directories(sweep):
+    workdir, result = sweep
+    for name in ("a", "b"):
+        summary = json.loads((workdir / name / "summary.json").read_text())
+        assert summary["epochs_completed"] == 1
+        config = config_lib.from_json((workdir / name / "config.json").read_text())
+        assert (config.experiment, config.data.image_size) == ("smoke", 16)
+    assert "== all 2 runs complete" in result.stdout
+
+
+def test_complete_runs_are_skipped(sweep):
+    workdir, _ = sweep
+    before = {name: os.stat(workdir / name / "summary.json").st_mtime_ns for name in ("a", "b")}
+    result = run_script(f"--workdir={workdir}", "--presets=a=smoke,b=smoke", *TINY)
+    assert result.returncode == 0
+    assert result.stdout.count("complete, skipped") == 2
+    assert "--experiment=" not in result.stdout  # the trainer was not started
+    assert before == {name: os.stat(workdir / name / "summary.json").st_mtime_ns
+                      for name in ("a", "b")}
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path):
+    # Epochs of a few seconds, so the kill lands after epoch 1 and well before epoch 3.
+    args = [f"--workdir={tmp_path}", "--presets=r=smoke", "--synthetic_examples=1200",
+            "--image_size=32", "--wrn_width=1", "--epochs=3", "--noexport"]
+    history = tmp_path / "r" / "history.csv"
+    process = run_script(*args, start_new_session=True)
+    deadline = time.time() + 300
+    while not (history.exists() and read_rows(history)) and process.poll() is None:
+        assert time.time() < deadline, "no epoch finished in time"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    first_epoch = read_rows(history)
+    assert not (tmp_path / "r" / "summary.json").exists() and len(first_epoch) < 3
+
+    result = run_script(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "== r: resuming the interrupted run" in result.stdout
+    rows = read_rows(history)
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
+    assert rows[0] == first_epoch[0]  # epoch 1 was not trained again
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["epochs_completed"] == 3
+
+
+def test_a_run_that_failed_before_training_is_retried_with_new_flags(tmp_path):
+    result = run_script(f"--workdir={tmp_path}", "--presets=x=smoke", *TINY,
+                        f"--image_dir={tmp_path / 'no_such_folder'}")
+    assert result.returncode == 1
+    assert "no_such_folder is not a directory" in result.stderr
+    assert "== x: FAILED (exit code 2)" in result.stderr
+    assert "1 of 1 runs failed: x" in result.stderr
+    assert (tmp_path / "x" / "config.json").exists()  # the failed attempt left its config
+
+    result = run_script(f"--workdir={tmp_path}", "--presets=x=smoke", *TINY)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "== x: retrying" in result.stdout
+    assert (tmp_path / "x" / "summary.json").exists()
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    """Stands in for the trainer: records each command line; the hub transfer preset fails."""
+    path = tmp_path / "fake_python"
+    path.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done >> "$FAKE_LOG"\n'
+                    'echo "--" >> "$FAKE_LOG"\n'
+                    'case "$*" in *--experiment=resnet50_hub_transfer*) exit 3;; esac\n')
+    path.chmod(0o755)
+    return str(path), tmp_path / "calls.log"
+
+
+def test_the_six_presets_get_the_extra_flags_and_a_failure_does_not_stop_them(tmp_path, fake_python):
+    python, log = fake_python
+    extra = ["--image_dir=/data/flower photos", "--epochs", "3"]
+    result = run_script(f"--workdir={tmp_path}/runs", *extra, python=python,
+                        env={"FAKE_LOG": str(log)})
+    assert result.returncode == 1
+    assert "== resnet50_hub_transfer: FAILED (exit code 3)" in result.stderr
+    assert "1 of 6 runs failed: resnet50_hub_transfer" in result.stderr
+    calls = [call.strip("\n").split("\n") for call in log.read_text().split("--\n") if call]
+    assert calls == [["-m", "trainer.main", f"--experiment={name}",
+                      f"--workdir={tmp_path}/runs/{name}", *extra] for name in SIX]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--workdir=DIR is required"),
+    (["--workdir=w", "--experiment=smoke"], "--experiment is chosen per run"),
+    (["--workdir=w", "--presets=a=smoke,,b"], "must be NAME or NAME=EXPERIMENT"),
+])
+def test_usage_errors(args, message):
+    result = run_script(*args, python="false")
+    assert result.returncode == 2 and message in result.stderr
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stripes_tasks_are_balanced_image_folders_with_disjoint_orientations(tmp_path):
+    stripes = load_script("make_stripes_task")
+    source = stripes.write_task(str(tmp_path / "source"), "source", 3, 16, seed=1)
+    target = stripes.write_task(str(tmp_path / "target"), "target", 3, 16, seed=2)
+    assert source == ["stripes_000deg", "stripes_036deg", "stripes_072deg", "stripes_108deg",
+                      "stripes_144deg"]
+    assert target == ["stripes_018deg", "stripes_054deg", "stripes_090deg", "stripes_126deg",
+                      "stripes_162deg"]
+    paths, labels, class_names = data.list_image_folder(str(tmp_path / "target"))
+    assert class_names == target and np.bincount(labels).tolist() == [3] * 5
+    with Image.open(paths[0]) as image:
+        assert image.size == (16, 16) and image.mode == "RGB"
