@@ -95,7 +95,9 @@ def test_empty_validation_split_is_an_error(image_dir):
         data.create_data_source(DataConfig(image_dir=image_dir, val_fraction=0.01), 0)
 
 
-def test_tfds_source_on_mock_data():
+def test_tfds_source_on_mock_data(monkeypatch):
+    # mock_data replaces the download; the offline check must not look up any host.
+    monkeypatch.setattr(data, "host_resolves", lambda url: True)
     with tfds.testing.mock_data(num_examples=20):
         source = data.create_data_source(DataConfig(dataset="tf_flowers", image_size=16), 0)
         assert source.class_names == ("dandelion", "daisy", "tulips", "sunflowers", "roses")
@@ -140,3 +142,15 @@ def test_preview_shows_training_images():
     source = data.create_data_source(DataConfig(dataset="synthetic", synthetic_examples=20, image_size=16), 0)
     preview = source.preview(8)
     assert preview.shape == (8, 16, 16, 3) and preview.dtype == tf.uint8
+
+
+def test_offline_download_fails_fast_naming_the_way_out(monkeypatch, tmp_path):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # nothing prepared there
+
+    def no_dns(*_):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(data.socket, "getaddrinfo", no_dns)
+    assert not data.host_resolves("https://www.tensorflow.org/datasets")
+    with pytest.raises(UserError, match="looks offline.*--data_dir.*--image_dir"):
+        data.create_data_source(DataConfig(dataset="tf_flowers"), 0)

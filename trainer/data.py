@@ -7,10 +7,13 @@ so a cache holds a quarter of what float32 images would take.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import os
+import socket
+import urllib.parse
 from typing import Callable
 
 import numpy as np
@@ -307,6 +310,10 @@ def _tfds_source(config: DataConfig, seed: int) -> DataSource:
         if config.data_dir:
             raise UserError(
                 f"--dataset={name} is not prepared in --data_dir={config.data_dir}. {way_out}")
+        if not host_resolves(builder.info.homepage):
+            raise UserError(
+                f"--dataset={name} is not prepared and this machine looks offline (cannot "
+                f"resolve {urllib.parse.urlparse(builder.info.homepage).hostname}). {way_out}")
         logging.info("Downloading and preparing %s ...", name)
         try:
             builder.download_and_prepare()
@@ -339,6 +346,22 @@ def _tfds_source(config: DataConfig, seed: int) -> DataSource:
                   "val": lambda: all_examples().skip(num_train)},
         encoded=True, identity=f"tfds-{name}-{os.path.abspath(builder.data_dir)}",
     )
+
+
+def host_resolves(url: str, timeout_sec: float = 5.0) -> bool:
+    """Whether the host of `url` resolves within `timeout_sec`: a quick offline check,
+    since TFDS's download retries take minutes to give up."""
+    host = urllib.parse.urlparse(url or "").hostname
+    if not host:
+        return True
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout_sec)
+        return True
+    except Exception:  # resolution failed or timed out
+        return False
+    finally:
+        pool.shutdown(wait=False)
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
