@@ -65,6 +65,19 @@ def test_export_reproduces_the_models_features_of_a_frozen_backbone(tmp_path, im
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
+def test_export_of_a_model_built_under_mirrored_strategy(tmp_path, images):
+    # conftest splits the CPU into two logical devices: two replicas.
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = models.create_model(ModelConfig(backbone="wide_resnet", wrn_width=1, trainable=True),
+                                    num_classes=3, image_size=16)
+    export.export_backbone(model, 16, str(tmp_path), chief=True)
+
+    in_model = keras.Model(model.input, model.get_layer("classifier").input)
+    np.testing.assert_allclose(features(tmp_path / export.BACKBONE_EXPORT_DIR, images),
+                               in_model(images, training=False).numpy(), atol=1e-5)
+
+
 def test_export_is_a_hub_feature_vector(pretrained, images):
     layer = hub.KerasLayer(str(pretrained), trainable=True)
     out = layer(tf.constant(images / 255.0, tf.float32))
