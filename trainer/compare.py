@@ -20,10 +20,12 @@ import os
 import sys
 from typing import Any, Sequence
 
+import tensorflow as tf
 from absl import app, flags, logging
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
+from tensorboard.plugins.hparams import api as hp
 
 from trainer.callbacks import HISTORY_FILE, read_history, write_atomically
 from trainer.config import UserError
@@ -266,9 +268,6 @@ def write_hparams_experiment(runs: Sequence[Run], logdir: str) -> None:
     (`--logdir` the parent) show them together in one HParams table. A rerun
     replaces the summary written before.
     """
-    import tensorflow as tf  # only the HParams view needs TensorFlow
-    from tensorboard.plugins.hparams import api as hp
-
     configs = [run.config for run in runs if run.config]
     fields = list(KEY_HPARAMS) + [
         name for name in dict.fromkeys(k for c in configs for k in c)
@@ -363,6 +362,8 @@ def main(argv: list[str]) -> None:
         rows = compare(argv[1:], out_dir, FLAGS.hparams)
     except UserError as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write the report: {e}")
     sys.stdout.write(markdown_table(rows) + f"\nWritten to {out_dir}: curves.png, loss.png, "
                      "report.md, report.csv.\n")
 
