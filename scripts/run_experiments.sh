@@ -62,11 +62,6 @@ for item in "${items[@]}"; do
   fi
   if [[ -f "$run_dir/history.csv" ]]; then
     echo "== $name: resuming the interrupted run in $run_dir"
-  elif [[ -f "$run_dir/config.json" && ! -d "$run_dir/backup" ]]; then
-    # An earlier attempt failed before its first epoch ended: nothing to resume,
-    # and its config.json would make the trainer refuse corrected flags.
-    echo "== $name: retrying (the earlier attempt trained no epoch)"
-    rm -f "$run_dir/config.json"
   fi
   echo "== $name: --experiment=$experiment --workdir=$run_dir ${extra[*]:-}"
   if "$PYTHON" -m trainer.main --experiment="$experiment" --workdir="$run_dir" \

@@ -103,7 +103,7 @@ def test_a_run_that_failed_before_training_is_retried_with_new_flags(tmp_path):
 
     result = run_script(f"--workdir={tmp_path}", "--presets=x=smoke", *TINY)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "== x: retrying" in result.stdout
+    assert "trained no epoch; starting afresh" in result.stderr
     assert (tmp_path / "x" / "summary.json").exists()
 
 

@@ -90,3 +90,15 @@ def test_batch_size_must_divide_over_replicas(tmp_path, monkeypatch):
                         lambda _: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
     with pytest.raises(UserError, match="--batch_size=7 .* 2 replicas"):
         train.train_and_evaluate(config)
+
+
+def test_attempt_that_trained_no_epoch_accepts_new_settings(tmp_path):
+    failed = tiny_config(tmp_path / "run", image_size=20)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(config_lib.to_json(failed))
+    corrected = tiny_config(tmp_path / "run")
+    assert train.prepare_workdir(corrected, chief=True) is None
+    assert config_lib.from_json((tmp_path / "run" / "config.json").read_text()) == corrected
+    (tmp_path / "run" / "history.csv").write_text("epoch\n1\n")  # now an epoch exists
+    with pytest.raises(UserError, match="--image_size"):
+        train.prepare_workdir(failed, chief=True)

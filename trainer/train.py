@@ -80,6 +80,13 @@ def remove_stale_temporaries(workdir: str) -> None:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
+def trained_an_epoch(workdir: str) -> bool:
+    """Whether a run in `workdir` completed an epoch (the backup is written first)."""
+    backup = os.path.join(workdir, callbacks_lib.BACKUP_DIR)
+    return (os.path.exists(os.path.join(workdir, callbacks_lib.HISTORY_FILE))
+            or (os.path.isdir(backup) and bool(os.listdir(backup))))
+
+
 def prepare_workdir(config: Config, chief: bool) -> dict[str, Any] | None:
     """Checks the workdir holds this config (recording it if new); returns a finished run's summary.
 
@@ -94,6 +101,12 @@ def prepare_workdir(config: Config, chief: bool) -> dict[str, Any] | None:
         with open(config_path) as f:
             previous = config_lib.from_json(f.read())
         changed = config_lib.differences(previous, config)
+        if changed and not trained_an_epoch(workdir):
+            logging.info("The earlier attempt in %s trained no epoch; starting afresh with "
+                         "the new settings (%s).", workdir, ", ".join(changed))
+            changed = []
+            if chief:
+                callbacks_lib.write_atomically(config_path, config_lib.to_json(config) + "\n")
         if changed:
             raise UserError(
                 f"--workdir={workdir} holds a run with other settings ({', '.join(changed)} "
