@@ -28,6 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from tensorboard.plugins.hparams import api as hp
 
 from trainer.callbacks import HISTORY_FILE, read_history, write_atomically
+from trainer.cli import fail, parse_flags
 from trainer.config import UserError
 from trainer.train import CONFIG_FILE, SUMMARY_FILE, summarize
 
@@ -50,7 +51,6 @@ HPARAMS_METRICS = (
     ("epoch_loss", "train", "train loss"),
 )
 HPARAMS_EVENTS_SUFFIX = ".compare.v2"  # names the experiment files this module owns
-EXIT_USAGE = 2  # as trainer.main: fix the named path or flag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,26 +344,14 @@ def define_flags() -> None:
                       "parent directory, so `tensorboard --logdir=PARENT` compares them.")
 
 
-def _fail(message: str) -> None:
-    sys.stderr.write(f"error: {message}\n")
-    sys.exit(EXIT_USAGE)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _fail(f"{e}. Run with --helpshort for the flags.")
-
-
 def main(argv: list[str]) -> None:
     try:
         out_dir = FLAGS.out or default_out_dir(find_runs(argv[1:]))
         rows = compare(argv[1:], out_dir, FLAGS.hparams)
     except UserError as e:
-        _fail(str(e))
+        fail(str(e))
     except OSError as e:
-        _fail(f"cannot write the report: {e}")
+        fail(f"cannot write the report: {e}")
     sys.stdout.write(markdown_table(rows) + f"\nWritten to {out_dir}: curves.png, loss.png, "
                      "report.md, report.csv.\n")
 
@@ -371,7 +359,7 @@ def main(argv: list[str]) -> None:
 def run() -> None:
     """Entry point of `python -m trainer.compare` and scripts/compare_runs.py."""
     define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

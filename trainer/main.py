@@ -18,10 +18,10 @@ import tensorflow_hub  # noqa: F401  pylint: disable=unused-import
 
 from trainer import config as config_lib
 from trainer import train
+from trainer.cli import fail, parse_flags
 from trainer.callbacks import Preempted, TrainingError
 
 _D = config_lib.Config()
-EXIT_USAGE = 2  # absl's code for a usage error: fix the named flag or file
 EXIT_TRAINING_FAILED = 3  # the loss diverged: rerunning as is will not help
 EXIT_PEER_LOST = 4  # a multi-worker peer vanished: restart all workers to resume
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: progress is saved, rerun the same command
@@ -76,20 +76,6 @@ flags.DEFINE_bool("export_backbone", _D.train.export_backbone,
 
 FLAGS = flags.FLAGS
 CONFIG_FLAGS = tuple(config_lib.flatten(_D)) + ("batch_size",)
-
-
-def fail(message: str, exit_code: int = EXIT_USAGE) -> None:
-    """Prints a one-paragraph error (no traceback) and exits with `exit_code`."""
-    sys.stderr.write(f"error: {message}\n")
-    sys.exit(exit_code)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a one-paragraph error instead of the full usage."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        fail(f"{e}. Run with --helpshort for the flags.")
 
 
 def _is_trainer_or_warning(record: std_logging.LogRecord) -> bool:

@@ -22,13 +22,13 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+from trainer.cli import fail, parse_flags
 from trainer.config import UserError
 from trainer.data import IMAGE_EXTENSIONS, check_image_file, decode_image
 from trainer.export import LABELS_FILE
 
 BATCH_SIZE = 32  # images per call of the model
 EXIT_BAD_FILES = 1
-EXIT_USAGE = 2  # as trainer.main
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,28 +151,16 @@ def define_flags() -> None:
     flags.DEFINE_bool("json", False, "Write one JSON list of results to stdout instead of text.")
 
 
-def _fail(message: str) -> None:
-    sys.stderr.write(f"error: {message}\n")
-    sys.exit(EXIT_USAGE)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _fail(f"{e}. Run with --helpshort for the flags.")
-
-
 def main(argv: list[str]) -> None:
     if not FLAGS.model:
-        _fail("--model is required: a run's export directory (workdir/export).")
+        fail("--model is required: a run's export directory (workdir/export).")
     files = list_images(argv[1:])
     if not files:
-        _fail("give image files or directories of images (JPEG, PNG, GIF, BMP) to predict.")
+        fail("give image files or directories of images (JPEG, PNG, GIF, BMP) to predict.")
     try:
         classifier = load_classifier(FLAGS.model)
     except UserError as e:
-        _fail(str(e))
+        fail(str(e))
     results = predict_files(classifier, files, min(FLAGS.top_k, len(classifier.labels)))
     if FLAGS.json:
         sys.stdout.write(json.dumps(results, indent=2) + "\n")
@@ -189,7 +177,7 @@ def main(argv: list[str]) -> None:
 def run() -> None:
     """Entry point of `python -m trainer.predict`."""
     define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
