@@ -12,8 +12,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRYPOINT = os.path.join(REPO, "scripts", "k8s_entrypoint.sh")
-TINY = ["--experiment=smoke", "--strategy=multi_worker", "--synthetic_examples=320", "--image_size=16",
-        "--wrn_width=1", "--batch_size=16", "--epochs=3", "--collective_timeout_sec=20"]
+TINY = ["--experiment=smoke", "--strategy=multi_worker", "--synthetic_examples=192", "--image_size=16",
+        "--wrn_width=1", "--batch_size=16", "--epochs=2", "--collective_timeout_sec=15"]
 
 
 def free_ports(count):
@@ -71,9 +71,9 @@ def test_lost_peer_ends_the_survivor_then_both_resume_and_only_the_chief_writes(
     for worker, log in zip(workers, logs):
         assert worker.returncode == 0, log[-3000:]
         assert re.search(r"Strategy \w+ with 2 replicas", log), log[-3000:]
-        assert "Epoch 1/3:" not in log  # resumed from the backup
+        assert "Epoch 1/2:" not in log  # resumed from the backup
     assert fingerprint(logs[0]) == fingerprint(logs[1])  # replicas stayed in sync
-    assert epochs_in_history(workdir) == [1, 2, 3]
+    assert epochs_in_history(workdir) == [1, 2]
     for name in ("summary.json", "config.json", "export/saved_model.pb", "train", "validation"):
         assert (workdir / name).exists(), name
     assert '"num_replicas": 2' in (workdir / "summary.json").read_text()
