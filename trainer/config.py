@@ -18,7 +18,6 @@ BIT_VARIANTS = (
 )
 OPTIMIZERS = ("adam", "sgd")
 AUGMENTS = ("none", "flip_crop")
-CACHES = ("memory", "none")  # or any file prefix
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 JIT_COMPILE = ("auto", "true", "false")
