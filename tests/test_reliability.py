@@ -87,7 +87,8 @@ def test_sigkill_anywhere_then_rerun_completes_and_lock_is_never_stale(tmp_path)
 
 def test_sigterm_saves_progress_exits_143_and_resumes(tmp_path):
     workdir = tmp_path / "run"
-    process = start(workdir, "--noexport")
+    small = ["--noexport", "--synthetic_examples=500"]  # faster; learning is checked above
+    process = start(workdir, *small)
     wait_for(process, lambda: len(epochs_in_history(workdir)) >= 1)
     time.sleep(1.0)  # into epoch 2
     process.send_signal(signal.SIGTERM)
@@ -95,7 +96,7 @@ def test_sigterm_saves_progress_exits_143_and_resumes(tmp_path):
     assert process.returncode == 143, err[-2000:]
     assert "SIGTERM" in err and "Traceback" not in err
     assert epochs_in_history(workdir) in ([1], [1, 2])
-    rerun = subprocess.run([sys.executable, "-m", "trainer.main", *SMOKE, f"--workdir={workdir}", "--noexport"],
+    rerun = subprocess.run([sys.executable, "-m", "trainer.main", *SMOKE, f"--workdir={workdir}", *small],
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "Epoch 1/3:" not in rerun.stderr
