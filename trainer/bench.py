@@ -252,12 +252,7 @@ def create_trainer_model(config: Config, strategy: tf.distribute.Strategy,
                  precision, precision_reason, jit_compile, jit_reason)
     distribute.set_precision(precision)
     try:
-        with strategy.scope():
-            model = models.create_model(config.model, num_classes, config.data.image_size)
-            model.compile(optimizer=train_lib.create_optimizer(config.train),
-                          loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                          steps_per_execution=config.train.steps_per_execution,
-                          jit_compile=jit_compile)
+        model = train_lib.create_compiled_model(config, strategy, num_classes, jit_compile)
     finally:
         # Layers keep the policy they were built with; what is built next (the
         # reference) is float32.

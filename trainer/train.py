@@ -155,6 +155,19 @@ def weights_fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()[:16]
 
 
+def create_compiled_model(config: Config, strategy: tf.distribute.Strategy, num_classes: int,
+                          jit_compile: bool) -> keras.Model:
+    """Builds the model, optimizer and metrics inside the strategy's scope and compiles them
+    (under the global precision policy already set)."""
+    with strategy.scope():
+        model = models.create_model(config.model, num_classes, config.data.image_size)
+        model.compile(optimizer=create_optimizer(config.train),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                      steps_per_execution=config.train.steps_per_execution,
+                      jit_compile=jit_compile)
+    return model
+
+
 def summarize(history: list[dict[str, Any]], final_val_accuracy: float, **extra: Any) -> dict:
     """The run's summary.json from its history.csv rows and the final evaluation."""
     best = max(history, key=lambda row: row.get("val_accuracy", -1.0))
@@ -226,12 +239,7 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
             lambda ctx, split=split: source.dataset(split, per_replica_batch_size, ctx))
         for split in ("train", "val"))
 
-    with strategy.scope():
-        model = models.create_model(config.model, source.num_classes, config.data.image_size)
-        model.compile(optimizer=create_optimizer(config.train),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                      steps_per_execution=config.train.steps_per_execution,
-                      jit_compile=jit_compile)
+    model = create_compiled_model(config, strategy, source.num_classes, jit_compile)
     if chief:
         callbacks_lib.write_run_summaries(
             workdir, config_lib.flatten(config), source.preview(PREVIEW_IMAGES))
