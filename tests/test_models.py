@@ -7,6 +7,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from trainer import distribute, models
+from trainer.backbones import hub, resnet50
 from trainer.config import ModelConfig, UserError
 
 SIZE = 32
@@ -43,7 +44,7 @@ def test_native_backbones_build_and_train(config):
 
 
 def test_caffe_preprocessing_flips_to_bgr_and_subtracts_means():
-    layer = models.CaffePreprocess()
+    layer = resnet50.CaffePreprocess()
     out = layer(tf.constant([[[[10, 20, 30]]]], tf.uint8)).numpy()
     np.testing.assert_allclose(out[0, 0, 0], [30 - 103.939, 20 - 116.779, 10 - 123.68], rtol=1e-5)
 
@@ -86,9 +87,9 @@ def test_hub_handle_errors_name_the_flag(tmp_path, tiny_hub_model):
 
 
 def test_default_hub_handles():
-    assert models.hub_handle(ModelConfig(backbone="bit")) == "https://tfhub.dev/google/bit/s-r50x3/1"
-    assert models.hub_handle(ModelConfig(backbone="bit", bit_variant="m-r50x1")).endswith("bit/m-r50x1/1")
-    assert "resnet_v1_50/feature_vector/5" in models.hub_handle(ModelConfig(backbone="resnet50_hub"))
+    assert hub.handle(ModelConfig(backbone="bit")) == "https://tfhub.dev/google/bit/s-r50x3/1"
+    assert hub.handle(ModelConfig(backbone="bit", bit_variant="m-r50x1")).endswith("bit/m-r50x1/1")
+    assert "resnet_v1_50/feature_vector/5" in hub.handle(ModelConfig(backbone="resnet50_hub"))
 
 
 def test_weights_file_of_the_wrong_architecture_is_a_clear_error(tmp_path):

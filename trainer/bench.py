@@ -228,7 +228,7 @@ def reference_dataset(paths: list[str], labels: list[int], image_size: int, batc
 def create_reference_model(config: ModelConfig, num_classes: int, image_size: int) -> keras.Model:
     """The reference recipe's model: the backbone on float32 /255 images, a softmax layer,
     Adam at its default rate and compile's defaults (no XLA, one step per execution)."""
-    network = models.BACKBONES[config.backbone](config, image_size).network
+    network = models.BACKBONES[config.backbone].build(config, image_size).network
     network.trainable = config.trainable
     model = keras.Sequential([keras.Input((image_size, image_size, 3)), network,
                               keras.layers.Dense(num_classes, activation="softmax")],

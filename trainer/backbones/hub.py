@@ -1,0 +1,60 @@
+"""TF Hub image feature vectors (resnet50_hub, bit, any TF2 SavedModel) as hub.KerasLayer."""
+
+from __future__ import annotations
+
+import os
+
+import tf_keras as keras
+
+from trainer.backbones import Backbone
+from trainer.config import ModelConfig, UserError
+
+HUB_RESNET50_HANDLE = "https://tfhub.dev/google/imagenet/resnet_v1_50/feature_vector/5"
+BIT_HANDLE = "https://tfhub.dev/google/bit/{variant}/1"
+
+
+def handle(config: ModelConfig) -> str:
+    """The TF Hub handle of a hub backbone: --hub_handle, or the default for it."""
+    if config.hub_handle:
+        return config.hub_handle
+    if config.backbone == "bit":
+        return BIT_HANDLE.format(variant=config.bit_variant)
+    return HUB_RESNET50_HANDLE
+
+
+def check_source(config: ModelConfig) -> None:
+    """Raises UserError naming --hub_handle when a local handle is not a usable SavedModel."""
+    path = handle(config)
+    if "://" in path:
+        return
+    if not os.path.isdir(path):
+        raise UserError(f"--hub_handle={path} is neither a URL nor a directory.")
+    if os.path.exists(os.path.join(path, "tfhub_module.pb")):
+        if config.trainable:
+            raise UserError(
+                f"--hub_handle={path} is a TF1 Hub module, which cannot be fine-tuned; "
+                "use a TF2 SavedModel or --notrainable.")
+    elif not os.path.exists(os.path.join(path, "saved_model.pb")):
+        raise UserError(f"--hub_handle={path} is not a SavedModel directory "
+                        "(no saved_model.pb).")
+
+
+def build(config: ModelConfig, image_size: int) -> Backbone:
+    import tensorflow_hub as hub  # imported here: only hub backbones pay for it
+
+    path = handle(config)
+    try:
+        # Mixed precision does not reach inside a SavedModel: it keeps its dtypes.
+        layer = hub.KerasLayer(path, trainable=config.trainable, dtype="float32",
+                               name="backbone")
+    except Exception as e:
+        raise UserError(
+            f"--hub_handle={path}: the TF Hub model could not be loaded "
+            f"({str(e).splitlines()[0][:200]}). Offline, download the model, extract it and "
+            "pass its directory with --hub_handle (set TFHUB_CACHE_DIR to keep downloads)."
+        ) from None
+    # Hub image models take float32 RGB in [0, 1].
+    preprocess = keras.layers.Rescaling(1 / 255, dtype="float32", name="preprocess")
+    # BiT uses GroupNorm; other hub models may hold BatchNorm layers.
+    return Backbone(preprocess, layer, has_batch_norm=config.backbone != "bit",
+                    mixed_precision=False)
