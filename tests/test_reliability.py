@@ -15,6 +15,7 @@ import tf_keras as keras
 
 from trainer import config as config_lib
 from trainer import train
+from trainer import workdir as workdir_lib
 from trainer.callbacks import TrainingError
 from trainer.config import UserError
 
@@ -65,7 +66,7 @@ def test_sigkill_anywhere_then_rerun_completes_and_lock_is_never_stale(tmp_path)
         if name == "during epoch 1":
             # A live run holds the workdir: a second run is refused.
             with pytest.raises(UserError, match="in use by another run"):
-                with train.locked_workdir(str(workdir), chief=True):
+                with workdir_lib.locked(str(workdir), chief=True):
                     pass
         process.send_signal(signal.SIGKILL)
         _, err = process.communicate()

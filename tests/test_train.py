@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import config as config_lib
 from trainer import train
+from trainer import workdir as workdir_lib
 from trainer.config import UserError
 
 TINY = {"experiment": "smoke", "synthetic_examples": 120, "image_size": 16, "wrn_width": 1,
@@ -97,8 +98,8 @@ def test_attempt_that_trained_no_epoch_accepts_new_settings(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(config_lib.to_json(failed))
     corrected = tiny_config(tmp_path / "run")
-    assert train.prepare_workdir(corrected, chief=True) is None
+    assert workdir_lib.prepare(corrected, chief=True) is None
     assert config_lib.from_json((tmp_path / "run" / "config.json").read_text()) == corrected
     (tmp_path / "run" / "history.csv").write_text("epoch\n1\n")  # now an epoch exists
     with pytest.raises(UserError, match="--image_size"):
-        train.prepare_workdir(failed, chief=True)
+        workdir_lib.prepare(failed, chief=True)

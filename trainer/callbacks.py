@@ -6,8 +6,6 @@ temporary directories under MultiWorkerMirroredStrategy.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import signal
@@ -20,9 +18,8 @@ import tf_keras as keras
 from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
 
-HISTORY_FILE = "history.csv"
-BACKUP_DIR = "backup"
-BEST_CHECKPOINT = os.path.join("checkpoints", "best")
+from trainer import workdir as workdir_lib
+
 MONITOR = "val_accuracy"
 
 
@@ -32,16 +29,6 @@ class TrainingError(Exception):
 
 class Preempted(Exception):
     """SIGTERM arrived; training stopped with the backup at the last completed epoch."""
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Writes a file under a temporary name, then renames it: readers see old or new, never half."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class EpochStats(keras.callbacks.Callback):
@@ -131,24 +118,7 @@ class HistoryCSV(keras.callbacks.Callback):
         self.path = path
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        rows = [row for row in read_history(self.path) if int(row["epoch"]) < epoch + 1]
-        rows.append({"epoch": epoch + 1, **(logs or {})})
-        fields = list(dict.fromkeys(key for row in rows for key in row))
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-        write_atomically(self.path, out.getvalue())
-
-
-def read_history(path: str) -> list[dict[str, Any]]:
-    """Rows of a history.csv, numbers as floats (epoch as int); [] if absent."""
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items() if v != ""}
-            for row in rows]
+        workdir_lib.write_history_row(self.path, epoch + 1, logs or {})
 
 
 def create_callbacks(workdir: str, *, epochs: int, patience: int, images_per_epoch: int,
@@ -166,10 +136,10 @@ def create_callbacks(workdir: str, *, epochs: int, patience: int, images_per_epo
         EpochStats(images_per_epoch, epochs),
         # Restores model, optimizer and epoch after a kill; kept after the end
         # so that a run killed while exporting does not start over.
-        keras.callbacks.BackupAndRestore(os.path.join(workdir, BACKUP_DIR),
+        keras.callbacks.BackupAndRestore(os.path.join(workdir, workdir_lib.BACKUP_DIR),
                                          delete_checkpoint=False),
         keras.callbacks.TensorBoard(workdir, update_freq="epoch", profile_batch=0),
-        keras.callbacks.ModelCheckpoint(os.path.join(workdir, BEST_CHECKPOINT),
+        keras.callbacks.ModelCheckpoint(os.path.join(workdir, workdir_lib.BEST_CHECKPOINT),
                                         monitor=MONITOR, mode="max", save_best_only=True,
                                         save_weights_only=True),
         # Ends with the best epoch's weights; patience 0 (off) never stops early.
@@ -177,7 +147,7 @@ def create_callbacks(workdir: str, *, epochs: int, patience: int, images_per_epo
                                       patience=patience or epochs + 1, verbose=1),
     ]
     if chief:
-        callbacks.append(HistoryCSV(os.path.join(workdir, HISTORY_FILE)))
+        callbacks.append(HistoryCSV(os.path.join(workdir, workdir_lib.HISTORY_FILE)))
     return callbacks
 
 

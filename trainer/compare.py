@@ -27,10 +27,10 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from tensorboard.plugins.hparams import api as hp
 
-from trainer.callbacks import HISTORY_FILE, read_history, write_atomically
 from trainer.cli import fail, parse_flags
 from trainer.config import UserError
-from trainer.train import CONFIG_FILE, SUMMARY_FILE, summarize
+from trainer.train import summarize
+from trainer.workdir import CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, read_history, write_atomically
 
 RUN_FILES = (CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE)
 COLUMNS = (

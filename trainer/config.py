@@ -46,6 +46,7 @@ class ModelConfig:
     weights: str = "imagenet"  # resnet50 only: "imagenet", "none" or a weights file
     hub_handle: str | None = None  # hub backbones: URL or SavedModel directory
     bit_variant: str = "s-r50x3"  # the reference's BiT
+    bit_weights: str | None = None  # bit: .npz path or URL; None: the official file; "none": random
     trainable: bool | None = None  # None: train random backbones, freeze pretrained
     freeze_batch_norm: bool = True  # pretrained BN backbones keep their statistics
     wrn_depth: int = 10  # Wide ResNet layers, 6n+4

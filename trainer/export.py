@@ -10,20 +10,11 @@ import tensorflow as tf
 import tf_keras as keras
 from absl import logging
 
-from trainer.callbacks import write_atomically
+from trainer.workdir import publish_directory, write_atomically
 
 EXPORT_DIR = "export"
 BACKBONE_EXPORT_DIR = "export_backbone"
 LABELS_FILE = "labels.txt"
-
-
-def _publish(staging: str, target: str) -> None:
-    """Replaces `target` by `staging` with renames: a reader never sees a half-written export."""
-    old = f"{target}.old-{os.getpid()}"
-    if os.path.exists(target):
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_model(model: keras.Model, class_names: tuple[str, ...], workdir: str,
@@ -40,7 +31,7 @@ def export_model(model: keras.Model, class_names: tuple[str, ...], workdir: str,
         shutil.rmtree(staging, ignore_errors=True)
         return
     write_atomically(os.path.join(staging, LABELS_FILE), "\n".join(class_names) + "\n")
-    _publish(staging, target)
+    publish_directory(staging, target)
 
 
 def feature_vector(preprocess: keras.layers.Layer, backbone: keras.layers.Layer) -> tf.train.Checkpoint:
@@ -104,7 +95,7 @@ def export_backbone(model: keras.Model, image_size: int, workdir: str, chief: bo
     if not chief:
         shutil.rmtree(staging, ignore_errors=True)
         return
-    _publish(staging, target)
+    publish_directory(staging, target)
     logging.info("Backbone exported to %s (float32 [0, 1] images, trained at %d px -> %d "
                  "features); reuse it with --backbone=hub --hub_handle=%s.", target, image_size,
                  backbone.output_shape[-1], target)

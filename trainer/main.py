@@ -38,6 +38,8 @@ flags.DEFINE_string("weights", _D.model.weights, "resnet50 only: imagenet, none 
 flags.DEFINE_string("hub_handle", None, "Hub backbones: URL or SavedModel directory "
                     "(overrides the default handle).")
 flags.DEFINE_string("bit_variant", _D.model.bit_variant, "BiT model: " + ", ".join(config_lib.BIT_VARIANTS) + ".")
+flags.DEFINE_string("bit_weights", None, "BiT weights: an .npz path or URL, or none (random). "
+                    "Default: the official file of --bit_variant.")
 flags.DEFINE_bool("trainable", None, "Fine-tune the backbone (--notrainable: train the head "
                   "only). Default: train random backbones, freeze pretrained ones.")
 flags.DEFINE_bool("freeze_batch_norm", _D.model.freeze_batch_norm,

@@ -7,14 +7,9 @@ workdir resumes an interrupted run and leaves a finished one alone.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import json
 import math
 import os
-import re
-import shutil
-import socket
 import statistics
 import sys
 import time
@@ -26,98 +21,10 @@ from absl import logging
 
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
-from trainer import data, distribute, export, models
+from trainer import data, distribute, export, models, workdir as workdir_lib
 from trainer.config import Config, UserError
 
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
 PREVIEW_IMAGES = 8  # input images shown in TensorBoard
-
-
-LOCK_FILE = ".lock"
-
-
-@contextlib.contextmanager
-def locked_workdir(workdir: str, chief: bool) -> Iterator[None]:
-    """Creates the workdir and, on the chief, holds its lock for the whole run.
-
-    The lock is an flock, which the kernel drops when its process dies: a killed
-    run never leaves a stale lock, and a live one keeps a second run out.
-
-    Raises:
-      UserError: the workdir is not writable, or another live run holds it.
-    """
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        lock = open(os.path.join(workdir, LOCK_FILE), "a+") if chief else None
-    except OSError as e:
-        raise UserError(f"--workdir={workdir} is not writable ({e.strerror}).") from None
-    if lock is None:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise UserError(
-                f"--workdir={workdir} is in use by another run ({lock.read().strip()}); let it "
-                "finish or stop it, or use another --workdir.") from None
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
-        lock.flush()
-        yield
-    finally:
-        lock.close()  # releases the flock
-
-
-def remove_stale_temporaries(workdir: str) -> None:
-    """Removes what a killed run's write-then-rename left (`NAME.tmp-PID`, `NAME.old-PID`)."""
-    for name in os.listdir(workdir):
-        if re.search(r"\.(tmp|old)-\d+$", name):
-            path = os.path.join(workdir, name)
-            logging.info("Removing %s, left by an interrupted run.", path)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
-def trained_an_epoch(workdir: str) -> bool:
-    """Whether a run in `workdir` completed an epoch (the backup is written first)."""
-    backup = os.path.join(workdir, callbacks_lib.BACKUP_DIR)
-    return (os.path.exists(os.path.join(workdir, callbacks_lib.HISTORY_FILE))
-            or (os.path.isdir(backup) and bool(os.listdir(backup))))
-
-
-def prepare_workdir(config: Config, chief: bool) -> dict[str, Any] | None:
-    """Checks the workdir holds this config (recording it if new); returns a finished run's summary.
-
-    Raises:
-      UserError: the workdir holds a run of another config.
-    """
-    workdir = config.workdir
-    if chief:  # under the lock: no other writer is alive
-        remove_stale_temporaries(workdir)
-    config_path = os.path.join(workdir, CONFIG_FILE)
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            previous = config_lib.from_json(f.read())
-        changed = config_lib.differences(previous, config)
-        if changed and not trained_an_epoch(workdir):
-            logging.info("The earlier attempt in %s trained no epoch; starting afresh with "
-                         "the new settings (%s).", workdir, ", ".join(changed))
-            changed = []
-            if chief:
-                callbacks_lib.write_atomically(config_path, config_lib.to_json(config) + "\n")
-        if changed:
-            raise UserError(
-                f"--workdir={workdir} holds a run with other settings ({', '.join(changed)} "
-                "differ); rerun with the same flags to resume it, or use a new --workdir.")
-    elif chief:
-        callbacks_lib.write_atomically(config_path, config_lib.to_json(config) + "\n")
-    summary_path = os.path.join(workdir, SUMMARY_FILE)
-    if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            return json.load(f)
-    return None
 
 
 class PeerLost(Exception):
@@ -201,14 +108,14 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
     # The strategy comes first: under TF_CONFIG it decides who the chief is.
     strategy = distribute.create_strategy(config.train)
     chief = distribute.is_chief(strategy)
-    with locked_workdir(config.workdir, chief):
+    with workdir_lib.locked(config.workdir, chief):
         return _train_and_evaluate(config, strategy, chief)
 
 
 def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
                         chief: bool) -> dict[str, Any]:
     workdir = config.workdir
-    done = prepare_workdir(config, chief)
+    done = workdir_lib.prepare(config, chief)
     if done is not None:
         logging.info("The run in %s is already complete (best val accuracy %.4f); "
                      "nothing to do.", workdir, done["best_val_accuracy"])
@@ -270,15 +177,14 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
         export.export_backbone(model, config.data.image_size, workdir, chief)
     if not chief:
         return {}
-    history = callbacks_lib.read_history(os.path.join(workdir, callbacks_lib.HISTORY_FILE))
+    history = workdir_lib.read_history(os.path.join(workdir, workdir_lib.HISTORY_FILE))
     summary = summarize(
         history, float(final_val_accuracy), num_replicas=replicas, precision=precision,
         strategy=strategy_name, jit_compile=jit_compile,
         global_batch_size=global_batch_size, num_classes=source.num_classes,
         train_examples=source.sizes["train"], val_examples=source.sizes["val"],
         last_process_sec=time.time() - started)
-    callbacks_lib.write_atomically(os.path.join(workdir, SUMMARY_FILE),
-                                   json.dumps(summary, indent=2) + "\n")
+    workdir_lib.write_summary(workdir, summary)
     logging.info("Best val accuracy %.4f (epoch %d); final %.4f. Written to %s.",
                  summary["best_val_accuracy"], summary["best_epoch"], final_val_accuracy, workdir)
     return summary
