@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Writes a synthetic stripes-orientation task as an --image_dir: the data of docs/experiments.md.
+"""Writes a synthetic stripes-orientation task as an --image_dir: the data of README's transfer evidence.
 
   python scripts/make_stripes_task.py --task=source --examples_per_class=300 --out=data/source
   python scripts/make_stripes_task.py --task=target --examples_per_class=60 --out=data/target

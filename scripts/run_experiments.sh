@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the six reference experiments (DESIGN.md), one sub-directory of --workdir each.
+# Runs the six reference experiments (docs/reference.md), one sub-directory of --workdir each.
 #
 #   scripts/run_experiments.sh --workdir=runs/flowers [extra trainer flags...]
 #   scripts/run_experiments.sh --workdir=runs/flowers --image_dir=flower_photos

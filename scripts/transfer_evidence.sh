@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the transfer-learning evidence of docs/experiments.md on synthetic data, on CPU.
+# Reproduces the transfer-learning evidence of README ("Evidence: does transfer help") on synthetic data, on CPU.
 #
 #   scripts/transfer_evidence.sh [DIR]    # default DIR: runs/evidence; about 3 minutes on 2 cores
 #

@@ -38,6 +38,9 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
+pytestmark = pytest.mark.slow  # the tests here run the scripts in subprocesses
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """Two tiny runs of the smoke preset through the script."""

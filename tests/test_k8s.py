@@ -20,6 +20,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from conftest import require_tool
+
 REPO = Path(__file__).resolve().parents[1]
 OVERLAYS = ("gpu", "tpu", "multiworker", "tensorboard")
 ENTRYPOINT = REPO / "scripts" / "k8s_entrypoint.sh"
@@ -50,9 +52,9 @@ current-context: none
 @pytest.fixture(scope="module")
 def kube_env(tmp_path_factory):
     """Environment for kubectl: a kubeconfig whose only cluster is 127.0.0.1."""
-    if shutil.which("kubectl") is None:
-        pytest.fail("kubectl is not installed (Debian: apt-get install kubectl); "
-                    "it renders the kustomizations.")
+    require_tool(shutil.which("kubectl") is not None,
+                 "kubectl is not installed (Debian: apt-get install kubectl); "
+                 "it renders the kustomizations.")
     kubeconfig = tmp_path_factory.mktemp("kube") / "config"
     kubeconfig.write_text(KUBECONFIG)
     return {**os.environ, "KUBECONFIG": str(kubeconfig)}
@@ -282,12 +284,15 @@ def checkov_executable():
             [str(CHECKOV_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet",
              "--disable-pip-version-check", f"checkov=={CHECKOV_VERSION}"],
             capture_output=True, text=True, timeout=900)
-        if result.returncode != 0:
-            pytest.fail(f"could not install checkov into {CHECKOV_VENV}:\n{result.stderr[-3000:]}")
+        require_tool(result.returncode == 0,
+                     f"could not install checkov {CHECKOV_VERSION} from the package index into "
+                     f"{CHECKOV_VENV} (offline? set CHECKOV=/path/to/checkov):\n"
+                     f"{result.stderr[-3000:]}")
         installed.touch()
     return str(executable)
 
 
+@pytest.mark.slow
 def test_checkov_finds_nothing_and_every_skip_has_a_reason(rendered, tmp_path):
     for overlay, (text, _) in rendered.items():
         (tmp_path / f"{overlay}.yaml").write_text(text)

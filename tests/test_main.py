@@ -58,6 +58,7 @@ def test_unwritable_workdir_fails_before_training(capsys, tmp_path):
     assert code == 2 and "--workdir" in err and "not writable" in err
 
 
+@pytest.mark.slow
 def test_real_command_exits_2_without_traceback(tmp_path):
     for argv in (["--image_size=big"], ["--experiment=smoke", "--batch_size=5000",
                                         f"--workdir={tmp_path / 'run'}"]):

@@ -10,10 +10,15 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+pytestmark = pytest.mark.slow  # two trainer processes, killed and restarted
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRYPOINT = os.path.join(REPO, "scripts", "k8s_entrypoint.sh")
 TINY = ["--experiment=smoke", "--strategy=multi_worker", "--synthetic_examples=192", "--image_size=16",
-        "--wrn_width=1", "--batch_size=16", "--epochs=2", "--collective_timeout_sec=15"]
+        "--wrn_width=1", "--batch_size=16", "--epochs=2", "--collective_timeout_sec=15",
+        "--precision=float32", "--jit_compile=false"]
 
 
 def free_ports(count):

@@ -7,7 +7,7 @@ training images/sec after warm-up, the trainer's own overhead, peak resident
 memory of each side and time per epoch at two data sizes, on the hardware it
 runs on. Prints a table and writes bench.json.
 
-The reference is DESIGN.md's recipe: JPEGs decoded in parallel (as TFDS does
+The reference is the recipe of docs/reference.md: JPEGs decoded in parallel (as TFDS does
 for tf_flowers), then `map(format_image).batch(B).prefetch(1)` with float32
 images divided by 255, and a float32 model compiled with Keras defaults. Both
 sides train interleaved in one process, so their ratio holds on a noisy

@@ -88,7 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 2, "global_batch_size": 32, "learning_rate": 2e-3,
         "early_stopping_patience": 0,
     },
-    # The six reference runs (DESIGN.md), each with the preprocessing its
+    # The six reference runs (docs/reference.md), each with the preprocessing its
     # backbone expects (built into the model).
     "resnet50_scratch": {
         **_FLOWERS, "backbone": "resnet50", "weights": "none", "trainable": True,

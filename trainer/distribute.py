@@ -136,7 +136,7 @@ def choose_jit_compile(config: TrainConfig, strategy: tf.distribute.Strategy) ->
         return False, "TPU programs are compiled with XLA anyway"
     if tf.config.list_physical_devices("GPU"):
         return True, "XLA fuses GPU kernels"
-    return False, "XLA measured 2x slower than TensorFlow's CPU kernels (DESIGN.md)"
+    return False, "XLA measured 2x slower than TensorFlow's CPU kernels (docs/decisions.md)"
 
 
 def set_precision(policy: str) -> None:
