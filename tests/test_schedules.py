@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
-from trainer import data, schedules, train
+from trainer import compare, data, schedules, train
 from trainer.config import DataConfig, UserError
 
 # --- The schedule as numbers -------------------------------------------------
@@ -300,6 +300,9 @@ def test_rule_run_takes_the_rules_steps_logs_each_rate_and_resumes_at_the_right_
     step_supports, peak = schedules.rule_supports(30), schedules.peak_learning_rate(4)
     assert summary["optimizer_steps"] == 500 and summary["steps_per_epoch"] == 250
     assert summary["mixup_alpha"] == 0.1 and summary["learning_rate"] == pytest.approx(peak)
+    # config.json leaves the rate to the rule; the comparison table shows the one used.
+    assert compare.report_row(compare.read_run(str(workdir), "run"))["learning_rate"] == (
+        pytest.approx(peak))
     with open(workdir / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert [row["epoch"] for row in rows] == ["1", "2"]
