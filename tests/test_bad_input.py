@@ -61,7 +61,7 @@ def test_messy_folder_keeps_every_decodable_image_and_skips_the_rest(messy_folde
     assert "empty class has no usable images" in caplog.text
     # Every listed file really decodes: the pipeline's safety net drops nothing.
     assert sum(int(images.shape[0]) for images, _ in source.dataset("val", 3)) == source.sizes["val"]
-    train_once = source._decoded(source.examples["train"]())  # one pass, before repeat()
+    train_once = source._decoded(source.examples["train"](), 16)  # one pass, before repeat()
     assert sum(1 for _ in train_once) == source.sizes["train"]
 
 

@@ -194,7 +194,7 @@ def test_jobs_resume_after_preemption_and_stop_on_usage_errors(rendered, overlay
     env = container_env(trainer)
     assert env["JOB_NAME"] == {"fieldRef": {
         "fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}
-    assert "--experiment=bit_finetune" in trainer["args"]
+    assert "--experiment=bit_hyperrule" in trainer["args"]
     # Data and the TF Hub cache on the data volume; /dev/shm in memory.
     mounts = {m["mountPath"]: m["name"] for m in trainer["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}

@@ -110,7 +110,7 @@ def test_diverging_loss_stops_with_a_clear_error_and_keeps_the_best(tmp_path, mo
         "batch_size": 10, "epochs": 3}))
     steps_per_epoch = 14
     # Fault injection: a sane rate for epoch 1, then one that blows the weights up.
-    monkeypatch.setattr(train, "create_optimizer", lambda _: keras.optimizers.SGD(
+    monkeypatch.setattr(train, "create_optimizer", lambda *_: keras.optimizers.SGD(
         keras.optimizers.schedules.PiecewiseConstantDecay([steps_per_epoch], [1e-2, 1e30])))
     with pytest.raises(TrainingError, match="--learning_rate"):
         train.train_and_evaluate(config)

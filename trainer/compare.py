@@ -169,7 +169,8 @@ def report_row(run: Run) -> dict[str, Any]:
         "backbone": config.get("backbone"),
         "weights": weights_of(config),
         "trainable": config.get("trainable"),
-        "learning_rate": config.get("learning_rate"),
+        # A rule's rate (bit_hyperrule: config.json's null) is in the summary.
+        "learning_rate": summary.get("learning_rate", config.get("learning_rate")),
         "precision": summary.get("precision", config.get("precision")),
         "replicas": summary.get("num_replicas"),
         "epochs": summary.get("epochs_completed", len(run.history)),

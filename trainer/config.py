@@ -17,7 +17,9 @@ BIT_VARIANTS = (
     "m-r50x1", "m-r50x3", "m-r101x1", "m-r101x3", "m-r152x4",
 )
 OPTIMIZERS = ("adam", "sgd")
-AUGMENTS = ("none", "flip_crop")
+AUGMENTS = ("none", "flip_crop", "resize_crop")
+SCHEDULES = ("constant", "bit_hyperrule")
+MAX_TOTAL_STEPS = 1_000_000  # steps: the schedule holds a rate per step (a 4 MB float32 table here)
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 JIT_COMPILE = ("auto", "true", "false")
@@ -33,9 +35,17 @@ class DataConfig:
     data_dir: str | None = None  # TFDS data directory (prepared data works offline)
     image_dir: str | None = None  # one sub-folder per class; overrides `dataset`
     val_fraction: float = 0.3  # share of the examples held out for validation
-    image_size: int = 224  # pixels, square
+    # pixels, square: the model's input (the training crop); None: by the
+    # images' area (--schedule=bit_hyperrule: 128 below 96x96, else 480)
+    image_size: int | None = 224
+    # pixels, square: --augment=resize_crop stores training images at this size
+    # and crops image_size from them; None: the rule's ratio (160/128 or 512/480)
+    resize_size: int | None = None
     global_batch_size: int = 16  # images per step, all replicas together
-    augment: str = "none"  # "none" or "flip_crop" (after the cache)
+    augment: str = "none"  # "none", "flip_crop" or "resize_crop" (random parts after the cache)
+    # MixUp's Beta(alpha, alpha), one mixing weight per batch; 0: off; None: by
+    # the training-set size (--schedule=bit_hyperrule: 0.1 from 20,000 images up)
+    mixup_alpha: float | None = 0.0
     cache: str = "memory"  # "memory", "none" or a file prefix
     synthetic_examples: int = 1000  # images in the synthetic dataset
 
@@ -56,10 +66,17 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    # constant: the dataset's epochs; bit_hyperrule: equal parts of total_steps
     epochs: int = 20
     early_stopping_patience: int = 2  # epochs without val-accuracy gain; 0 disables
     optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.9)
-    learning_rate: float | None = None  # None: 1e-5 to fine-tune pretrained, else 1e-3
+    # None: 1e-5 to fine-tune pretrained, else 1e-3; under bit_hyperrule the
+    # peak rate after warm-up, None: 0.003 * global_batch_size / 512
+    learning_rate: float | None = None
+    schedule: str = "constant"  # "constant" rate, or "bit_hyperrule" (warm-up, step decays)
+    # optimizer steps of a bit_hyperrule run; None: the rule's, by the
+    # training-set size (500, 10,000 or 20,000)
+    total_steps: int | None = None
     precision: str = "auto"
     strategy: str = "auto"
     tpu: str | None = None  # TPU name or "local" on a TPU VM
@@ -113,6 +130,25 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bit_finetune": {
         **_FLOWERS, "backbone": "bit", "bit_variant": "s-r50x3", "trainable": True,
         "learning_rate": 1e-5,
+    },
+    # BiT's own fine-tuning recipe (SCHEDULE_DEFAULTS, trainer/schedules.py) on
+    # tf_flowers. The authors' batch of 512 at 480 px needs TPU-pod memory; 64
+    # is meant for about 24 GB of accelerator memory, and the rate scales with it.
+    "bit_hyperrule": {
+        "dataset": "tf_flowers", "backbone": "bit", "bit_variant": "m-r50x1",
+        "trainable": True, "schedule": "bit_hyperrule", "global_batch_size": 64,
+    },
+}
+
+# What --schedule=bit_hyperrule changes, unless a preset or a flag sets it: the
+# rest of BiT-HyperRule (SGD, no early stopping, random resized crops, the
+# image size by area and MixUp by the training-set size, decided when the data
+# is known; see trainer/schedules.py). Ten equal "epochs" split the run.
+SCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "constant": {},
+    "bit_hyperrule": {
+        "optimizer": "sgd", "early_stopping_patience": 0, "augment": "resize_crop",
+        "image_size": None, "mixup_alpha": None, "epochs": 10,
     },
 }
 
@@ -175,6 +211,24 @@ def preset(name: str | None) -> Config:
     return override(Config(experiment=name), PRESETS[name])
 
 
+def configure(experiment: str | None, values: Mapping[str, Any]) -> Config:
+    """The preset `experiment` (or the defaults), then `values` (fields or flag names).
+
+    Between the two come the chosen schedule's defaults (SCHEDULE_DEFAULTS) for
+    every field neither the preset nor `values` sets.
+
+    Raises:
+      UserError: an unknown preset or field.
+    """
+    base = preset(experiment)
+    explicit = {FIELD_FOR_FLAG.get(name, name) for name in values}
+    explicit |= set(PRESETS.get(experiment or "", {}))
+    schedule = values.get("schedule", base.train.schedule)
+    defaults = {name: value for name, value in SCHEDULE_DEFAULTS.get(schedule, {}).items()
+                if name not in explicit}
+    return override(override(base, defaults), values)
+
+
 def is_pretrained(model: ModelConfig) -> bool:
     """Whether the backbone starts from pretrained weights."""
     if model.backbone == "resnet50":
@@ -192,7 +246,8 @@ def resolve(config: Config) -> Config:
     if trainable is None:
         trainable = not is_pretrained(config.model)
     learning_rate = config.train.learning_rate
-    if learning_rate is None:
+    # Under bit_hyperrule None stays: the rule's peak rate is set when the run starts.
+    if learning_rate is None and config.train.schedule != "bit_hyperrule":
         fine_tune = trainable and is_pretrained(config.model)
         learning_rate = 1e-5 if fine_tune else 1e-3
     workdir = config.workdir or os.path.join(
@@ -224,6 +279,7 @@ def check(config: Config) -> None:
     _choice("bit_variant", model.bit_variant, BIT_VARIANTS)
     _choice("optimizer", train.optimizer, OPTIMIZERS)
     _choice("augment", data.augment, AUGMENTS)
+    _choice("schedule", train.schedule, SCHEDULES)
     _choice("precision", train.precision, PRECISIONS)
     _choice("strategy", train.strategy, STRATEGIES)
     _choice("jit_compile", train.jit_compile, JIT_COMPILE)
@@ -232,11 +288,7 @@ def check(config: Config) -> None:
     _require(bool(config.workdir), "--workdir must not be empty.")
     _require(0.0 < data.val_fraction < 1.0,
              f"--val_fraction must be between 0 and 1 (exclusive), got {data.val_fraction}.")
-    _require(8 <= data.image_size <= 1024,
-             f"--image_size must be between 8 and 1024 pixels, got {data.image_size}.")
-    if model.backbone == "resnet50":
-        _require(data.image_size >= 32,
-                 f"--image_size must be at least 32 for --backbone=resnet50, got {data.image_size}.")
+    _check_image_sizes(data, model, train)
     _require(data.global_batch_size >= 1,
              f"--batch_size must be a positive global batch size, got {data.global_batch_size}.")
     _require(data.synthetic_examples >= 10,
@@ -244,8 +296,7 @@ def check(config: Config) -> None:
     _require(train.epochs >= 1, f"--epochs must be at least 1, got {train.epochs}.")
     _require(train.early_stopping_patience >= 0,
              f"--early_stopping_patience must be 0 (off) or more, got {train.early_stopping_patience}.")
-    _require(train.learning_rate is not None and 0.0 < train.learning_rate <= 10.0,
-             f"--learning_rate must be in (0, 10], got {train.learning_rate}.")
+    _check_schedule(data, train)
     _require(train.collective_timeout_sec >= 1,
              f"--collective_timeout_sec must be at least 1, got {train.collective_timeout_sec}.")
     _require(train.steps_per_execution >= 1,
@@ -270,6 +321,66 @@ def check(config: Config) -> None:
              + "); train it with --trainable or start from pretrained weights.")
     if train.strategy == "tpu":
         _require(bool(train.tpu), "--strategy=tpu needs --tpu (its name, or local on a TPU VM).")
+
+
+def _check_image_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
+    if data.image_size is None:
+        _require(train.schedule == "bit_hyperrule",
+                 "--image_size must be given (pixels); only --schedule=bit_hyperrule chooses "
+                 "it from the images' area.")
+    else:
+        _require(8 <= data.image_size <= 1024,
+                 f"--image_size must be between 8 and 1024 pixels, got {data.image_size}.")
+        if model.backbone == "resnet50":
+            _require(data.image_size >= 32, f"--image_size must be at least 32 for "
+                     f"--backbone=resnet50, got {data.image_size}.")
+    if data.resize_size is not None:
+        _require(data.augment == "resize_crop",
+                 f"--resize_size={data.resize_size} applies to --augment=resize_crop (random "
+                 f"crops of --image_size from images resized to --resize_size), not "
+                 f"--augment={data.augment}.")
+        _require(8 <= data.resize_size <= 2048 and data.resize_size >= (data.image_size or 8),
+                 f"--resize_size must be between --image_size ({data.image_size or 'by area'}) "
+                 f"and 2048 pixels, got {data.resize_size}.")
+
+
+def _check_schedule(data: DataConfig, train: TrainConfig) -> None:
+    rule = train.schedule == "bit_hyperrule"
+    if train.learning_rate is not None or not rule:
+        _require(train.learning_rate is not None and 0.0 < train.learning_rate <= 10.0,
+                 f"--learning_rate must be in (0, 10], got {train.learning_rate}.")
+    if data.mixup_alpha is None:
+        _require(rule, "--mixup_alpha must be given (0 turns MixUp off); only "
+                 "--schedule=bit_hyperrule chooses it from the training-set size.")
+    else:
+        _require(0.0 <= data.mixup_alpha <= 10.0,
+                 f"--mixup_alpha must be 0 (off) to 10, got {data.mixup_alpha}.")
+    if train.total_steps is None:
+        return
+    _require(rule, f"--total_steps={train.total_steps} applies to --schedule=bit_hyperrule; "
+             "the constant schedule trains --epochs passes over the data.")
+    _require(1 <= train.total_steps <= MAX_TOTAL_STEPS,
+             f"--total_steps must be 1 to {MAX_TOTAL_STEPS:,}, got {train.total_steps}.")
+    check_epochs_divide(train.epochs, train.total_steps, "--total_steps")
+
+
+def check_epochs_divide(epochs: int, total_steps: int, source: str) -> None:
+    """Under bit_hyperrule the run's steps are split into `epochs` equal parts.
+
+    Args:
+      epochs: --epochs.
+      total_steps: the run's optimizer steps.
+      source: where total_steps came from, for the message.
+
+    Raises:
+      UserError: `epochs` does not divide `total_steps`; lists the values that do.
+    """
+    divisors = [d for d in range(1, min(total_steps, 1000) + 1) if total_steps % d == 0]
+    _require(total_steps % epochs == 0,
+             f"--epochs={epochs} must divide the run's {total_steps} steps ({source}) into "
+             f"equal parts, each ending with a validation and a backup; use one of "
+             f"{', '.join(map(str, divisors[:16]))}{', ...' if len(divisors) > 16 else ''}, "
+             "or change --total_steps.")
 
 
 def to_json(config: Config) -> str:

@@ -1,8 +1,8 @@
 """Input data: TFDS, image folders and synthetic images as tf.data pipelines.
 
 Each split runs decode -> resize -> uint8 -> cache -> shuffle -> augment ->
-batch -> prefetch. Images stay uint8 up to the model (which normalises them),
-so a cache holds a quarter of what float32 images would take.
+batch -> [MixUp] -> prefetch. Images stay uint8 up to the model (which
+normalises them), so a cache holds a quarter of what float32 images would take.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import socket
@@ -31,6 +32,8 @@ DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP")
 MAX_IMAGE_PIXELS = 50_000_000
 SHUFFLE_BUFFER = 2048  # images; splits are already randomly ordered once
 SYNTHETIC_CLASSES = 5
+SYNTHETIC_IMAGE_SIZE = 224  # pixels: synthetic images when --image_size is left to a rule
+SIZE_SAMPLE = 100  # training images whose headers give the dataset's typical size
 AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -73,7 +76,7 @@ class DataSource:
         pipeline_id = input_context.input_pipeline_id if input_context else 0
         if training and num_pipelines > 1:
             ds = ds.shard(num_pipelines, pipeline_id)
-        ds = self._decoded(ds)
+        ds = self._decoded(ds, self._stored_size(split))
         if self.config.cache == "memory":
             ds = ds.cache()
         elif self.config.cache != "none":
@@ -82,17 +85,48 @@ class DataSource:
             ds = ds.shuffle(SHUFFLE_BUFFER, seed=self.seed, reshuffle_each_iteration=True)
             ds = ds.repeat()
             ds = self._augmented(ds)
-        return ds.batch(per_replica_batch_size, drop_remainder=training).prefetch(AUTOTUNE)
+        ds = self._mixed(ds.batch(per_replica_batch_size, drop_remainder=training), training)
+        return ds.prefetch(AUTOTUNE)
 
     def preview(self, count: int) -> tf.Tensor:
         """Returns up to `count` training images as the model sees them (uint8)."""
-        ds = self._augmented(self._decoded(self.examples["train"]().take(count)))
-        return next(iter(ds.batch(count)))[0]
+        ds = self._decoded(self.examples["train"]().take(count), self._stored_size("train"))
+        ds = self._mixed(self._augmented(ds).batch(count), training=True)
+        return next(iter(ds))[0]
 
-    def _decoded(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+    def typical_image_size(self) -> tuple[int, int]:
+        """(height, width) of the median-area image among the first training examples.
+
+        Encoded images are measured from their headers (nothing is decoded), up
+        to SIZE_SAMPLE of them; synthetic images all have their generated size.
+        """
         if not self.encoded:
-            return ds
-        size = self.config.image_size
+            height, width = self.examples["train"]().element_spec[0].shape[:2]
+            return int(height), int(width)
+        sizes = []
+        for encoded, _ in self.examples["train"]().take(SIZE_SAMPLE).as_numpy_iterator():
+            try:
+                with Image.open(io.BytesIO(encoded)) as image:
+                    sizes.append((image.height, image.width))
+            except Exception:  # PIL raises many types; the pipeline skips such files too
+                continue
+        if not sizes:
+            raise UserError("None of the first training images could be read to measure their "
+                            "size; pass --image_size (and --resize_size).")
+        return sorted(sizes, key=lambda hw: hw[0] * hw[1])[len(sizes) // 2]
+
+    def _stored_size(self, split: str) -> int:
+        # Random resized crops keep the training images larger until the crop.
+        if split == "train" and self.config.augment == "resize_crop":
+            return self.config.resize_size
+        return self.config.image_size
+
+    def _decoded(self, ds: tf.data.Dataset, size: int) -> tf.data.Dataset:
+        if not self.encoded:
+            if tuple(ds.element_spec[0].shape[:2]) == (size, size):
+                return ds
+            return ds.map(lambda image, label: (resize(image, size), label),
+                          num_parallel_calls=AUTOTUNE)
         ds = ds.map(lambda data, label: (decode_image(data, size), label),
                     num_parallel_calls=AUTOTUNE)
         # Files were checked before (see list_image_folder); this drops the rare
@@ -100,16 +134,30 @@ class DataSource:
         return ds.ignore_errors(log_warning=True)
 
     def _augmented(self, ds: tf.data.Dataset) -> tf.data.Dataset:
-        if self.config.augment == "none":
+        augment = {"none": None, "flip_crop": flip_crop, "resize_crop": crop_flip}[self.config.augment]
+        if augment is None:
             return ds
         size = self.config.image_size
-        return ds.map(lambda image, label: (flip_crop(image, size), label),
+        return ds.map(lambda image, label: (augment(image, size), label),
                       num_parallel_calls=AUTOTUNE)
+
+    def _mixed(self, ds: tf.data.Dataset, training: bool) -> tf.data.Dataset:
+        """With MixUp on, one-hot labels for every split (the loss takes them), and
+        MixUp of each training batch. Off, the integer labels pass untouched."""
+        alpha = self.config.mixup_alpha
+        if not alpha:
+            return ds
+        ds = ds.map(lambda images, labels: (images, tf.one_hot(labels, self.num_classes)),
+                    num_parallel_calls=AUTOTUNE)
+        if training:
+            ds = ds.map(lambda images, labels: mixup(images, labels, alpha),
+                        num_parallel_calls=AUTOTUNE)
+        return ds
 
     def _cache_file(self, split: str, pipeline_id: int, num_pipelines: int) -> str:
         # Named by everything that changes the cached images, so a changed
         # config never reads a stale cache.
-        key = json.dumps([self.identity, self.config.image_size, self.config.val_fraction,
+        key = json.dumps([self.identity, self._stored_size(split), self.config.val_fraction,
                           self.seed, split, pipeline_id, num_pipelines])
         digest = hashlib.sha1(key.encode()).hexdigest()[:12]
         path = f"{self.config.cache}-{split}-{digest}-{pipeline_id}of{num_pipelines}"
@@ -136,6 +184,37 @@ def flip_crop(image: tf.Tensor, image_size: int) -> tf.Tensor:
     image = tf.image.resize_with_crop_or_pad(image, image_size + pad, image_size + pad)
     image = tf.image.random_crop(image, [image_size, image_size, 3])
     return tf.image.random_flip_left_right(image)
+
+
+def crop_flip(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """A random square crop of `image_size` and a random horizontal flip (BiT's training
+    augmentation, on images stored larger: see --resize_size)."""
+    image = tf.image.random_crop(image, [image_size, image_size, 3])
+    return tf.image.random_flip_left_right(image)
+
+
+def mixup(images: tf.Tensor, labels: tf.Tensor, alpha: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """MixUp of a batch with a random permutation of itself, one weight for the whole batch.
+
+    Args:
+      images: uint8 [batch, height, width, 3].
+      labels: float32 [batch, classes], one-hot or already soft.
+      alpha: the weight is drawn from Beta(alpha, alpha).
+
+    Returns:
+      (images, labels) mixed with the same weight: labels exactly, images
+      rounded to the nearest uint8 level (the model's input type).
+    """
+    # Beta(a, a) as X / (X + Y) with X, Y ~ Gamma(a), drawn in float64: with
+    # a = 0.1, TF clamps about one float32 draw in 6,000 to float32's smallest
+    # normal number, distorting the weight's tails.
+    x, y = tf.unstack(tf.random.gamma([2], alpha, dtype=tf.float64))
+    weight = tf.cast(x / (x + y), tf.float32)
+    partners = tf.random.shuffle(tf.range(tf.shape(images)[0]))
+    mixed = (weight * tf.cast(images, tf.float32)
+             + (1.0 - weight) * tf.cast(tf.gather(images, partners), tf.float32))
+    labels = weight * labels + (1.0 - weight) * tf.gather(labels, partners)
+    return tf.cast(tf.round(mixed), tf.uint8), labels
 
 
 def create_data_source(config: DataConfig, seed: int) -> DataSource:
@@ -278,7 +357,8 @@ def synthetic_images(num_examples: int, image_size: int, seed: int) -> tuple[np.
 
 
 def _synthetic_source(config: DataConfig, seed: int) -> DataSource:
-    images, labels = synthetic_images(config.synthetic_examples, config.image_size, seed)
+    images, labels = synthetic_images(config.synthetic_examples,
+                                      config.image_size or SYNTHETIC_IMAGE_SIZE, seed)
     num_train, _ = split_sizes(len(labels), config.val_fraction, "--dataset=synthetic")
 
     def examples(part: slice) -> Callable[[], tf.data.Dataset]:

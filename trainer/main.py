@@ -53,18 +53,39 @@ flags.DEFINE_string("data_dir", None, "TFDS data directory (prepared data works 
 flags.DEFINE_string("image_dir", None, "Folder with one sub-folder of images per class; "
                     "overrides --dataset.")
 flags.DEFINE_float("val_fraction", _D.data.val_fraction, "Share of the data held out for validation.")
-flags.DEFINE_integer("image_size", _D.data.image_size, "Square input size, pixels.")
+flags.DEFINE_integer("image_size", _D.data.image_size, "Square input size of the model (the "
+                     "training crop), pixels. --schedule=bit_hyperrule: default by the images' "
+                     "area, 128 below 96x96, else 480.")
+flags.DEFINE_integer("resize_size", None, "--augment=resize_crop: training images are resized "
+                     "to this (pixels) and randomly cropped to --image_size. Default: BiT's "
+                     "ratio for the images' area (160/128 or 512/480).")
 flags.DEFINE_integer("batch_size", _D.data.global_batch_size, "GLOBAL batch size (all replicas).")
-flags.DEFINE_string("augment", _D.data.augment, "none or flip_crop (random crop + flip).")
+flags.DEFINE_string("augment", _D.data.augment, "none; flip_crop (pad by 1/8, random crop, "
+                    "flip); resize_crop (random crop of --image_size from --resize_size, flip; "
+                    "the default of --schedule=bit_hyperrule).")
+flags.DEFINE_float("mixup_alpha", _D.data.mixup_alpha, "MixUp Beta(alpha, alpha), one mixing "
+                   "weight per batch; 0 turns it off. --schedule=bit_hyperrule: default 0.1 "
+                   "from 20,000 training images up, else 0.")
 flags.DEFINE_string("cache", _D.data.cache, "memory, none, or a file prefix for the decoded images.")
 flags.DEFINE_integer("synthetic_examples", _D.data.synthetic_examples, "Images in --dataset=synthetic.")
 # Training.
-flags.DEFINE_integer("epochs", _D.train.epochs, "Maximum number of epochs.")
+flags.DEFINE_integer("epochs", _D.train.epochs, "Maximum number of epochs. Under "
+                     "--schedule=bit_hyperrule: the number of equal parts the run's steps are "
+                     "split into, each ending with a validation (default 10).")
+flags.DEFINE_string("schedule", _D.train.schedule, "constant (the --learning_rate throughout) "
+                    "or bit_hyperrule (BiT's warm-up and step decays over a number of steps "
+                    "chosen by the training-set size, with its MixUp, resolution and SGD).")
+flags.DEFINE_integer("total_steps", None, "--schedule=bit_hyperrule: optimizer steps of the "
+                     "run (the warm-up and decays scale with it). Default: the rule's 500, "
+                     "10,000 or 20,000 by the training-set size.")
 flags.DEFINE_integer("early_stopping_patience", _D.train.early_stopping_patience,
-                     "Epochs without val accuracy gain before stopping; 0 disables.")
-flags.DEFINE_string("optimizer", _D.train.optimizer, "adam or sgd (momentum 0.9).")
+                     "Epochs without val accuracy gain before stopping; 0 disables "
+                     "(the default of --schedule=bit_hyperrule).")
+flags.DEFINE_string("optimizer", _D.train.optimizer, "adam or sgd (momentum 0.9; the default "
+                    "of --schedule=bit_hyperrule).")
 flags.DEFINE_float("learning_rate", None, "Default: per preset; else 1e-5 to fine-tune a "
-                   "pretrained backbone, 1e-3 otherwise.")
+                   "pretrained backbone, 1e-3 otherwise. --schedule=bit_hyperrule: the peak "
+                   "rate, default 0.003 * batch_size / 512.")
 flags.DEFINE_string("precision", _D.train.precision, ", ".join(config_lib.PRECISIONS) + ".")
 flags.DEFINE_string("strategy", _D.train.strategy, ", ".join(config_lib.STRATEGIES) + ".")
 flags.DEFINE_string("tpu", None, "TPU name, or local on a TPU VM.")
@@ -99,9 +120,7 @@ def config_from_flags(flag_values: flags.FlagValues) -> config_lib.Config:
         for name in CONFIG_FLAGS
         if name in flag_values and flag_values[name].present
     }
-    return config_lib.resolve(
-        config_lib.override(config_lib.preset(flag_values.experiment), given)
-    )
+    return config_lib.resolve(config_lib.configure(flag_values.experiment, given))
 
 
 def main(argv: list[str]) -> None:

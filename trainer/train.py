@@ -7,6 +7,7 @@ workdir resumes an interrupted run and leaves a finished one alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -21,7 +22,7 @@ from absl import logging
 
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
-from trainer import data, distribute, export, models, workdir as workdir_lib
+from trainer import data, distribute, export, models, schedules, workdir as workdir_lib
 from trainer.config import Config, UserError
 
 PREVIEW_IMAGES = 8  # input images shown in TensorBoard
@@ -47,11 +48,78 @@ def lost_peer_is_an_error(strategy: tf.distribute.Strategy) -> Iterator[None]:
             "completed epoch.") from None
 
 
-def create_optimizer(config: config_lib.TrainConfig) -> keras.optimizers.Optimizer:
-    """Adam, or SGD with momentum 0.9, at the configured learning rate."""
+def create_optimizer(
+    config: config_lib.TrainConfig,
+    learning_rate: keras.optimizers.schedules.LearningRateSchedule | None = None,
+) -> keras.optimizers.Optimizer:
+    """Adam, or SGD with momentum 0.9 (no weight decay), at `learning_rate` (a schedule)
+    or else the configured constant rate."""
+    rate = config.learning_rate if learning_rate is None else learning_rate
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(config.learning_rate, momentum=0.9)
-    return keras.optimizers.Adam(config.learning_rate)
+        return keras.optimizers.SGD(rate, momentum=0.9)
+    return keras.optimizers.Adam(rate)
+
+
+def choose_from_data(config: Config, source: data.DataSource) -> Config:
+    """Fills the values `config` leaves to the data (None there), as BiT-HyperRule does.
+
+    The image size by the images' area, the resize size by BiT's ratio for that
+    area, MixUp by the training-set size, and under bit_hyperrule the run's
+    steps by the training-set size and the peak rate by the batch size
+    (trainer/schedules.py). Values given by flags or presets are kept.
+
+    Raises:
+      UserError: the chosen values do not fit the given ones; names the flag.
+    """
+    d, t = config.data, config.train
+    num_train = source.sizes["train"]
+    values: dict[str, Any] = {}
+    if d.mixup_alpha is None:
+        values["mixup_alpha"] = schedules.mixup_alpha(num_train)
+    if t.schedule == "bit_hyperrule" and t.learning_rate is None:
+        values["learning_rate"] = schedules.peak_learning_rate(d.global_batch_size)
+    if t.schedule == "bit_hyperrule" and t.total_steps is None:
+        values["total_steps"] = schedules.rule_supports(num_train)[-1]
+        config_lib.check_epochs_divide(t.epochs, values["total_steps"],
+                                       f"BiT-HyperRule's length for {num_train} training images")
+    if d.image_size is None or (d.augment == "resize_crop" and d.resize_size is None):
+        height, width = source.typical_image_size()
+        resize_size, crop_size = schedules.resolution(height, width)
+        values["image_size"] = d.image_size or crop_size
+        if d.augment == "resize_crop" and d.resize_size is None:
+            values["resize_size"] = (resize_size if d.image_size is None else
+                                     schedules.resize_size_for(d.image_size, height, width))
+        logging.info("Typical image %dx%d (median area of a sample): BiT's rule resizes to "
+                     "%d and crops %d.", height, width, resize_size, crop_size)
+    if not values:
+        return config
+    chosen = config_lib.override(config, values)
+    config_lib.check(chosen)
+    logging.info("Chosen from the data: %s.",
+                 ", ".join(f"{config_lib.flag(k)}={v:g}" if isinstance(v, float)
+                           else f"{config_lib.flag(k)}={v}" for k, v in values.items()))
+    return chosen
+
+
+def create_schedule(config: Config, num_train_examples: int,
+                    ) -> tuple[int, schedules.HyperRuleSchedule | None]:
+    """Steps per epoch, and the learning-rate schedule (None: the constant rate).
+
+    The constant schedule's epochs are passes over the data. Under
+    bit_hyperrule the run's total_steps are split into `epochs` equal parts:
+    each ends with a validation, a backup and a history row, and a resumed run
+    restarts at a part's boundary with the optimizer's step count restored.
+    """
+    train = config.train
+    if train.schedule != "bit_hyperrule":
+        return data.steps_per_epoch(num_train_examples, config.data.global_batch_size), None
+    schedule = schedules.HyperRuleSchedule(
+        schedules.supports(num_train_examples, train.total_steps), train.learning_rate)
+    steps_per_epoch = train.total_steps // train.epochs
+    logging.info("BiT-HyperRule: %d steps (supports %s), peak rate %g, in %d epochs of %d "
+                 "steps; MixUp alpha %g.", train.total_steps, list(schedule.step_supports),
+                 train.learning_rate, train.epochs, steps_per_epoch, config.data.mixup_alpha)
+    return steps_per_epoch, schedule
 
 
 def weights_fingerprint(model: keras.Model) -> str:
@@ -62,14 +130,22 @@ def weights_fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()[:16]
 
 
-def create_compiled_model(config: Config, strategy: tf.distribute.Strategy, num_classes: int,
-                          jit_compile: bool) -> keras.Model:
+def create_compiled_model(
+    config: Config, strategy: tf.distribute.Strategy, num_classes: int, jit_compile: bool,
+    learning_rate: keras.optimizers.schedules.LearningRateSchedule | None = None,
+) -> keras.Model:
     """Builds the model, optimizer and metrics inside the strategy's scope and compiles them
-    (under the global precision policy already set)."""
+    (under the global precision policy already set).
+
+    With MixUp the labels are one-hot or soft, and the loss takes them as such;
+    without, the integer labels go to the sparse loss as they come.
+    """
+    loss = ("categorical_crossentropy" if config.data.mixup_alpha
+            else "sparse_categorical_crossentropy")
     with strategy.scope():
         model = models.create_model(config.model, num_classes, config.data.image_size)
-        model.compile(optimizer=create_optimizer(config.train),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+        model.compile(optimizer=create_optimizer(config.train, learning_rate),
+                      loss=loss, metrics=["accuracy"],
                       steps_per_execution=config.train.steps_per_execution,
                       jit_compile=jit_compile)
     return model
@@ -138,15 +214,18 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
 
     models.check_backbone_source(config.model)  # before a long data download
     source = data.create_data_source(config.data, config.seed)
-    steps_per_epoch = data.steps_per_epoch(source.sizes["train"], global_batch_size)
+    config = choose_from_data(config, source)
+    source = dataclasses.replace(source, config=config.data)
+    num_train = source.sizes["train"]
+    steps_per_epoch, schedule = create_schedule(config, num_train)
     logging.info("Data: %d classes, %d training and %d validation examples, %d steps per epoch.",
-                 source.num_classes, source.sizes["train"], source.sizes["val"], steps_per_epoch)
+                 source.num_classes, num_train, source.sizes["val"], steps_per_epoch)
     train_ds, val_ds = (
         strategy.distribute_datasets_from_function(
             lambda ctx, split=split: source.dataset(split, per_replica_batch_size, ctx))
         for split in ("train", "val"))
 
-    model = create_compiled_model(config, strategy, source.num_classes, jit_compile)
+    model = create_compiled_model(config, strategy, source.num_classes, jit_compile, schedule)
     if chief:
         callbacks_lib.write_run_summaries(
             workdir, config_lib.flatten(config), source.preview(PREVIEW_IMAGES))
@@ -154,7 +233,8 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
     started = time.time()
     callbacks = callbacks_lib.create_callbacks(
         workdir, epochs=config.train.epochs, patience=config.train.early_stopping_patience,
-        images_per_epoch=steps_per_epoch * global_batch_size, chief=chief)
+        images_per_epoch=steps_per_epoch * global_batch_size, chief=chief,
+        step_learning_rate=schedule.rate if schedule else None)
     validation_steps = None
     if distribute.num_workers(strategy) > 1:
         # Keras needs a step count for multi-worker input. Every worker reads the
@@ -169,6 +249,7 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
 
     with lost_peer_is_an_error(strategy):
         _, final_val_accuracy = model.evaluate(val_ds, steps=validation_steps, verbose=0)
+    optimizer_steps = int(keras.backend.get_value(model.optimizer.iterations))
     # Equal on every worker when replicas stayed in sync: compare across worker logs.
     logging.info("Final weights fingerprint: %s", weights_fingerprint(model))
     if config.train.export:
@@ -182,7 +263,10 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
         history, float(final_val_accuracy), num_replicas=replicas, precision=precision,
         strategy=strategy_name, jit_compile=jit_compile,
         global_batch_size=global_batch_size, num_classes=source.num_classes,
-        train_examples=source.sizes["train"], val_examples=source.sizes["val"],
+        train_examples=num_train, val_examples=source.sizes["val"],
+        steps_per_epoch=steps_per_epoch, optimizer_steps=optimizer_steps,
+        image_size=config.data.image_size, resize_size=config.data.resize_size,
+        mixup_alpha=config.data.mixup_alpha, learning_rate=config.train.learning_rate,
         last_process_sec=time.time() - started)
     workdir_lib.write_summary(workdir, summary)
     logging.info("Best val accuracy %.4f (epoch %d); final %.4f. Written to %s.",
