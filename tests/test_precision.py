@@ -19,9 +19,11 @@ import tensorflow as tf
 import tensorflow_hub as hub
 import tf_keras as keras
 from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
+from trainer import compare, export, predict, train
 from trainer import config as config_lib
-from trainer import export, predict, train
 from trainer import workdir as workdir_lib
 from trainer.callbacks import TrainingError
 
@@ -56,6 +58,17 @@ def poison_the_loss_from_epoch_2(monkeypatch, factor):
         return model
 
     monkeypatch.setattr(train, "create_compiled_model", create_poisoned)
+
+
+def recorded_precision(workdir):
+    """The precision a finished run gives in its HParams and in compare's report."""
+    events = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+    events.Reload()
+    metadata = events.SummaryMetadata("_hparams_/session_start_info")
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(
+        metadata.plugin_data.content).session_start_info.hparams
+    row = compare.report_row(compare.read_run(str(workdir), "run"))
+    return hparams["precision"].string_value, row["precision"]
 
 
 def diverge_in_epoch_2(config, monkeypatch):
@@ -105,6 +118,7 @@ def test_train_diverge_resume_export_reuse_and_predict(tmp_path, monkeypatch, pr
     assert summary["head_dtype"] == "float32"
     assert summary["loss_scaling"] == (precision == "mixed_float16")
     assert summary["jit_compile"] is False
+    assert recorded_precision(workdir) == (precision, precision)
 
     # The serving export and trainer.predict: uint8 files in, probabilities out.
     image_path = tmp_path / "photo.png"
@@ -126,6 +140,7 @@ def test_train_diverge_resume_export_reuse_and_predict(tmp_path, monkeypatch, pr
     # A SavedModel keeps its dtypes: nothing computed in reduced precision, no loss scaling.
     assert (reused["precision"], reused["backbone_dtype"], reused["loss_scaling"]) == (
         "float32", "float32", False)
+    assert recorded_precision(tmp_path / "reuse") == ("float32", "float32")
     after = hub.KerasLayer(str(tmp_path / "reuse" / export.BACKBONE_EXPORT_DIR))(images).numpy()
     np.testing.assert_array_equal(after, before)
 

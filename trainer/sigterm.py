@@ -64,6 +64,8 @@ def install() -> None:
 
 
 def _watch(read_fd: int) -> None:
+    # Messages go straight to stderr: before absl's handler is set up (TensorFlow still
+    # loading) a logging call would be dropped, and os._exit flushes nothing.
     while True:
         if signal.SIGTERM in os.read(read_fd, 64):
             _received.set()
