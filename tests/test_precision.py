@@ -26,6 +26,7 @@ from trainer import compare, export, predict, train
 from trainer import config as config_lib
 from trainer import workdir as workdir_lib
 from trainer.callbacks import TrainingError
+from conftest import poison_the_loss
 
 # 32 training and 8 validation images: full batches only, so XLA compiles one shape per step.
 TINY = {"synthetic_examples": 40, "val_fraction": 0.2, "image_size": 16, "wrn_width": 1,
@@ -37,27 +38,6 @@ COMPUTE_DTYPE = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_floa
 def tiny_config(workdir, **values):
     return config_lib.resolve(config_lib.override(
         config_lib.preset("smoke"), {**TINY, "workdir": str(workdir), **values}))
-
-
-def poison_the_loss_from_epoch_2(monkeypatch, factor):
-    """Fault injection: the compiled loss is multiplied by `factor` from the second epoch on,
-    whatever the kernels compute (a blown-up learning rate may or may not overflow)."""
-    create = train.create_compiled_model
-
-    def create_poisoned(config, strategy, num_classes, jit_compile):
-        model = create(config, strategy, num_classes, jit_compile)
-        iterations = model.optimizer.iterations
-
-        def poisoned_loss(labels, probabilities):
-            loss = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
-            return loss * tf.where(iterations >= STEPS_PER_EPOCH, factor, 1.0)
-
-        with strategy.scope():
-            model.compile(optimizer=model.optimizer, loss=poisoned_loss, metrics=["accuracy"],
-                          jit_compile=jit_compile)
-        return model
-
-    monkeypatch.setattr(train, "create_compiled_model", create_poisoned)
 
 
 def recorded_precision(workdir):
@@ -78,7 +58,7 @@ def diverge_in_epoch_2(config, monkeypatch):
       history.csv's rows.
     """
     with monkeypatch.context() as patch:
-        poison_the_loss_from_epoch_2(patch, 1e6)
+        poison_the_loss(patch, 1e6, from_step=STEPS_PER_EPOCH)
         with pytest.raises(TrainingError, match="diverged"):
             train.train_and_evaluate(config)
     assert keras.mixed_precision.global_policy().name == "float32"  # the caller's, restored

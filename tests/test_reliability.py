@@ -14,10 +14,8 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-import tf_keras as keras
 
-from conftest import run_main
-from trainer import train
+from conftest import poison_the_loss, run_main
 from trainer import workdir as workdir_lib
 from trainer.config import UserError
 
@@ -157,24 +155,7 @@ def test_diverging_loss_exits_3_keeping_the_best_and_the_last_good_epoch(tmp_pat
                                                                          capsys, factor):
     workdir = tmp_path / "run"
     steps_per_epoch = 14  # 140 training images in batches of 10
-    original = train.create_compiled_model
-
-    def create_poisoned(config, strategy, num_classes, jit_compile):
-        """Fault injection: the loss is multiplied by `factor` from epoch 2 on, whatever
-        the kernels compute (a blown-up rate may or may not overflow)."""
-        model = original(config, strategy, num_classes, jit_compile)
-        iterations = model.optimizer.iterations
-
-        def loss(labels, probabilities):
-            value = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
-            return value * tf.where(iterations >= steps_per_epoch, factor, 1.0)
-
-        with strategy.scope():
-            model.compile(optimizer=model.optimizer, loss=loss, metrics=["accuracy"],
-                          jit_compile=jit_compile)
-        return model
-
-    monkeypatch.setattr(train, "create_compiled_model", create_poisoned)
+    poison_the_loss(monkeypatch, factor, from_step=steps_per_epoch)
     code, _, err = run_main(["--experiment=smoke", f"--workdir={workdir}", "--synthetic_examples=200",
                              "--image_size=16", "--wrn_width=1", "--batch_size=10", "--epochs=3",
                              "--precision=float32", "--jit_compile=false", "--noexport"], capsys)
