@@ -83,3 +83,29 @@ def float32_policy():
 
     yield
     keras.mixed_precision.set_global_policy("float32")
+
+
+def poison_the_loss(monkeypatch, factor, from_step):
+    """Fault injection: the trainer's compiled loss is multiplied by `factor` from optimizer
+    step `from_step` on, whatever the kernels compute (a blown-up learning rate may or may
+    not overflow, depending on the kernel library)."""
+    import tf_keras as keras
+
+    from trainer import train
+
+    create = train.create_compiled_model
+
+    def create_poisoned(config, strategy, num_classes, jit_compile):
+        model = create(config, strategy, num_classes, jit_compile)
+        iterations = model.optimizer.iterations
+
+        def poisoned_loss(labels, probabilities):
+            loss = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+            return loss * tf.where(iterations >= from_step, factor, 1.0)
+
+        with strategy.scope():
+            model.compile(optimizer=model.optimizer, loss=poisoned_loss, metrics=["accuracy"],
+                          jit_compile=jit_compile)
+        return model
+
+    monkeypatch.setattr(train, "create_compiled_model", create_poisoned)

@@ -49,10 +49,66 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
         "mixed_bfloat16", "set by --precision")
 
 
-def test_jit_compile_auto_is_off_on_cpu_and_overridable():
+def test_a_hub_backbone_runs_float32_whatever_auto_or_the_flag_picks(monkeypatch):
     strategy = tf.distribute.get_strategy()
+    monkeypatch.setattr(distribute, "gpu_compute_capabilities", lambda: [(8, 0)])
+    for config in (TrainConfig(precision="auto"), TrainConfig(precision="mixed_float16")):
+        policy, why = distribute.choose_precision(config, strategy, backbone_follows_policy=False)
+        assert policy == "float32" and "TF Hub SavedModel" in why
+    assert distribute.describe_precision("float32", backbone_follows_policy=False) == {
+        "precision": "float32", "backbone_dtype": "float32", "head_dtype": "float32",
+        "loss_scaling": False}
+
+
+@pytest.mark.parametrize("policy, backbone, scaling", [
+    ("float32", "float32", False), ("mixed_bfloat16", "bfloat16", False),
+    ("mixed_float16", "float16", True)])
+def test_loss_scaling_only_when_the_backbone_computes_in_float16(policy, backbone, scaling):
+    described = distribute.describe_precision(policy)
+    assert (described["backbone_dtype"], described["head_dtype"], described["loss_scaling"]) == (
+        backbone, "float32", scaling)
+    assert distribute.precision_words(described).startswith(f"{policy} (backbone {backbone}, head float32")
+
+
+def test_jit_compile_auto_is_off_on_cpu_and_overridable(monkeypatch):
+    strategy = tf.distribute.get_strategy()
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: [] if kind == "GPU" else ["cpu"])
     assert distribute.choose_jit_compile(TrainConfig(), strategy)[0] is False
     assert distribute.choose_jit_compile(TrainConfig(jit_compile="true"), strategy)[0] is True
+    assert distribute.choose_jit_compile(TrainConfig(jit_compile="false"), strategy)[0] is False
+
+
+def test_jit_compile_auto_on_gpus_leaves_a_trainable_hub_backbone_uncompiled(monkeypatch):
+    strategy = tf.distribute.get_strategy()
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: ["gpu"] if kind == "GPU" else ["cpu"])
+    assert distribute.choose_jit_compile(TrainConfig(), strategy)[0] is True
+    jit, why = distribute.choose_jit_compile(TrainConfig(), strategy, trainable_saved_model=True)
+    assert jit is False and "TF Hub" in why
+    with pytest.raises(UserError, match="--jit_compile=true"):
+        distribute.choose_jit_compile(TrainConfig(jit_compile="true"), strategy,
+                                      trainable_saved_model=True)
+
+
+@pytest.mark.parametrize("config, gpus, tf_config_workers, expected", [
+    (TrainConfig(), 0, None, "default"),
+    (TrainConfig(), 1, None, "default"),
+    (TrainConfig(), 4, None, "mirrored"),
+    (TrainConfig(tpu="local"), 0, None, "tpu"),
+    # Kubeflow's TFJob and the Indexed Job set TF_CONFIG: every worker trains together.
+    (TrainConfig(), 0, ["a:1", "b:2"], "multi_worker"),
+    (TrainConfig(), 8, ["a:1", "b:2"], "multi_worker"),
+    (TrainConfig(strategy="mirrored"), 4, ["a:1", "b:2"], "mirrored"),
+])
+def test_strategy_auto_follows_the_hardware_and_tf_config(config, gpus, tf_config_workers, expected):
+    parsed = None
+    if tf_config_workers:
+        parsed = distribute.parse_tf_config(tf_config(tf_config_workers, 1))
+    name, why = distribute.choose_strategy(config, gpus, parsed)
+    assert name == expected
+    if tf_config_workers and config.strategy == "auto":
+        assert "TF_CONFIG" in why
 
 
 def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):

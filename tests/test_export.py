@@ -10,8 +10,9 @@ from trainer import config as config_lib
 from trainer import export, models, train
 from trainer.config import ModelConfig
 
+# Precision and XLA pinned: `auto` picks by the host's CPU (tests/test_precision.py covers each).
 TINY = {"synthetic_examples": 64, "image_size": 16, "wrn_width": 1, "batch_size": 16,
-        "epochs": 1, "export": False}
+        "epochs": 1, "export": False, "precision": "float32", "jit_compile": "false"}
 
 
 def tiny_config(workdir, **values):

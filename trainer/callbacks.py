@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import threading
 import time
 from typing import Any, Callable
 
@@ -18,30 +16,53 @@ import tf_keras as keras
 from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
 
+from trainer import sigterm
 from trainer import workdir as workdir_lib
+from trainer.sigterm import Preempted
 
 MONITOR = "val_accuracy"
+# A finite loss this many times the first epoch's and this many times the loss of chance
+# (ln(classes)) has diverged: with oneDNN kernels a blown-up run can show 3e29, never NaN.
+ABSURD_LOSS_VS_FIRST_EPOCH = 1000.0
+ABSURD_LOSS_VS_CHANCE = 100.0
 
 
 class TrainingError(Exception):
     """The loss diverged: rerunning as is will not help."""
 
 
-class Preempted(Exception):
-    """SIGTERM arrived; training stopped with the backup at the last completed epoch."""
+def diverged(loss: float, first_epoch_loss: float | None, num_classes: int) -> bool:
+    """Whether an epoch's training loss shows divergence.
+
+    NaN or infinite, or finite but absurd: more than ABSURD_LOSS_VS_FIRST_EPOCH
+    times the first epoch's loss and more than ABSURD_LOSS_VS_CHANCE times the
+    loss of guessing (ln(num_classes)). Without a first epoch (this is it) the
+    second bound alone decides.
+    """
+    if not math.isfinite(loss):
+        return True
+    chance = math.log(max(num_classes, 2))
+    return (loss > ABSURD_LOSS_VS_CHANCE * chance
+            and (first_epoch_loss is None or loss > ABSURD_LOSS_VS_FIRST_EPOCH * first_epoch_loss))
 
 
 class EpochStats(keras.callbacks.Callback):
-    """Adds learning rate, images/sec and epoch time to the logs; logs one line per epoch.
+    """Adds learning rate, images/sec and epoch time to the logs; logs one line per epoch;
+    stops a diverged run (see `diverged`).
 
     Must come first in the callback list: later callbacks (TensorBoard,
     history.csv) record what it adds. Training time stops when validation starts.
     """
 
-    def __init__(self, images_per_epoch: int, epochs: int):
+    def __init__(self, images_per_epoch: int, epochs: int, num_classes: int = 2,
+                 first_epoch_loss: float | None = None):
+        """Args: images_per_epoch, epochs: for the log line; num_classes: sets the loss of
+        chance; first_epoch_loss: the first epoch's loss when resuming (history.csv)."""
         super().__init__()
         self.images_per_epoch = images_per_epoch
         self.epochs = epochs
+        self.num_classes = num_classes
+        self.first_epoch_loss = first_epoch_loss
         self._epoch_start = self._train_end = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -64,44 +85,41 @@ class EpochStats(keras.callbacks.Callback):
                       if k in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")),
             logs["images_per_sec"], logs["epoch_seconds"])
         self._epoch_start = 0.0
-        if not math.isfinite(logs.get("loss", 0.0)):
+        loss = float(logs.get("loss", 0.0))
+        if diverged(loss, self.first_epoch_loss, self.num_classes):
             # Raised before the backup callback runs, so the backup keeps the last
-            # finite weights; history.csv and the best checkpoint stay as they were.
+            # good epoch; history.csv and the best checkpoint stay as they were.
             raise TrainingError(
-                f"The loss became {logs['loss']} in epoch {epoch + 1}; training stopped. "
+                f"The loss diverged to {loss:.4g} in epoch {epoch + 1}; training stopped. "
                 "Lower --learning_rate and start again in a new --workdir; the best "
-                "checkpoint and the logs so far are kept.")
+                "checkpoint, the backup of the last good epoch and the logs so far are kept.")
+        if self.first_epoch_loss is None:
+            self.first_epoch_loss = loss
 
 
 class StopOnSigterm(keras.callbacks.Callback):
     """Turns SIGTERM (what Kubernetes sends a pod before killing it) into a clean stop.
 
-    The signal handler only sets a flag. The next step boundary raises Preempted,
-    before any end-of-epoch callback, so the backup stays at the last completed
-    epoch and a rerun resumes there. Use as a context manager around `fit`: it
-    owns the SIGTERM handler only for that long.
+    The next step boundary after the signal raises Preempted, before any
+    end-of-epoch callback, so the backup stays at the last completed epoch and a
+    rerun resumes there. Use as a context manager around `fit`: the process is
+    in `sigterm`'s training phase for that long.
     """
 
     def __init__(self):
         super().__init__()
         self._supports_tf_logs = True  # the check needs no logs: never sync them
-        self._signalled = False
-        self._previous = None
+        self._phase = sigterm.phase(sigterm.Phase.TRAINING)
 
     def __enter__(self) -> StopOnSigterm:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._phase.__enter__()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self._signalled = True
+        self._phase.__exit__(*exc_info)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if self._signalled:
+        if sigterm.received():
             raise Preempted("SIGTERM received: stopped during an epoch; the backup holds the "
                             "last completed epoch. Rerun the same command to resume.")
 
@@ -183,7 +201,8 @@ class HistoryCSV(keras.callbacks.Callback):
 
 
 def create_callbacks(workdir: str, *, epochs: int, patience: int, images_per_epoch: int,
-                     chief: bool, step_learning_rate: Callable[[int], float] | None = None,
+                     chief: bool, num_classes: int = 2, first_epoch_loss: float | None = None,
+                     step_learning_rate: Callable[[int], float] | None = None,
                      ) -> list[keras.callbacks.Callback]:
     """The run's callbacks, in the order they must run.
 
@@ -193,11 +212,13 @@ def create_callbacks(workdir: str, *, epochs: int, patience: int, images_per_epo
       patience: epochs without val-accuracy gain before stopping; 0 never stops.
       images_per_epoch: training images per epoch, all replicas together.
       chief: whether this process writes history.csv and the per-step rates.
+      num_classes, first_epoch_loss: what a diverged loss is measured against
+        (first_epoch_loss: from history.csv when resuming).
       step_learning_rate: the rate of a step, for a schedule that is a function
         of the step: logged per step to TensorBoard.
     """
     callbacks = [
-        EpochStats(images_per_epoch, epochs),
+        EpochStats(images_per_epoch, epochs, num_classes, first_epoch_loss),
         # Restores model, optimizer and epoch after a kill; kept after the end
         # so that a run killed while exporting does not start over.
         keras.callbacks.BackupAndRestore(os.path.join(workdir, workdir_lib.BACKUP_DIR),

@@ -160,6 +160,22 @@ def weights_of(config: dict[str, Any]) -> str | None:
     return None
 
 
+def ran_with(run: Run) -> dict[str, Any]:
+    """The run's config with what it ran with (summary.json) in place of what was asked for.
+
+    `--precision=auto` or a mixed policy on a TF Hub backbone ran in one precision;
+    `--jit_compile=auto` compiled or not: the words of the run's log, summary.json
+    and HParams. A run without summary.json shows what was asked for, marked so.
+    """
+    values = dict(run.config)
+    for name in ("precision", "jit_compile"):
+        if name in run.summary:
+            values[name] = run.summary[name]
+        elif values.get(name) is not None:
+            values[name] = f"{values[name]} (asked)"
+    return values
+
+
 def report_row(run: Run) -> dict[str, Any]:
     """One table row (COLUMNS) for a run; unknown values are None."""
     config, summary = run.config, run.summary
@@ -171,7 +187,7 @@ def report_row(run: Run) -> dict[str, Any]:
         "trainable": config.get("trainable"),
         # A rule's rate (bit_hyperrule: config.json's null) is in the summary.
         "learning_rate": summary.get("learning_rate", config.get("learning_rate")),
-        "precision": summary.get("precision", config.get("precision")),
+        "precision": ran_with(run).get("precision"),
         "replicas": summary.get("num_replicas"),
         "epochs": summary.get("epochs_completed", len(run.history)),
         "best_val_accuracy": summary.get("best_val_accuracy"),
@@ -269,7 +285,7 @@ def write_hparams_experiment(runs: Sequence[Run], logdir: str) -> None:
     (`--logdir` the parent) show them together in one HParams table. A rerun
     replaces the summary written before.
     """
-    configs = [run.config for run in runs if run.config]
+    configs = [ran_with(run) for run in runs if run.config]
     fields = list(KEY_HPARAMS) + [
         name for name in dict.fromkeys(k for c in configs for k in c)
         if name not in KEY_HPARAMS and len({json.dumps(c.get(name)) for c in configs}) > 1

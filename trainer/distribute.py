@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
@@ -70,20 +71,45 @@ def parse_tf_config(environ: dict[str, str] | None = None) -> dict | None:
     return tf_config
 
 
+def choose_strategy(config: TrainConfig, num_gpus: int,
+                    tf_config: dict | None) -> tuple[str, str]:
+    """Returns (strategy name, reason) for `config.strategy` (auto: by hardware and TF_CONFIG).
+
+    Args:
+      config: the train section (strategy, tpu).
+      num_gpus: GPUs visible to this process.
+      tf_config: the parsed TF_CONFIG, or None.
+    """
+    if config.strategy != "auto":
+        return config.strategy, "set by --strategy"
+    if config.tpu:
+        return "tpu", f"--tpu={config.tpu}"
+    if tf_config is not None:
+        # Kubeflow's TFJob and the Indexed Job set TF_CONFIG on every worker:
+        # training each worker alone would waste all of them but one.
+        workers = len(tf_config["cluster"]["worker"])
+        return "multi_worker", f"TF_CONFIG names {workers} worker(s); this is {tf_config['task']['type']} {tf_config['task']['index']}"
+    if num_gpus > 1:
+        return "mirrored", f"{num_gpus} GPUs"
+    return "default", f"{num_gpus} GPUs, no --tpu, no TF_CONFIG"
+
+
 def create_strategy(config: TrainConfig) -> tf.distribute.Strategy:
-    """Creates the distribution strategy `config.strategy` names (auto: by hardware)."""
-    name = config.strategy
-    if name == "auto":
-        gpus = tf.config.list_physical_devices("GPU")
-        name = "tpu" if config.tpu else "mirrored" if len(gpus) > 1 else "default"
-        logging.info("--strategy=auto chose %s (%d GPUs, --tpu=%s).", name, len(gpus), config.tpu)
+    """Creates the distribution strategy `config.strategy` names (auto: see `choose_strategy`).
+
+    Raises:
+      UserError: TF_CONFIG is malformed, or multi_worker is asked for without it.
+    """
+    tf_config = parse_tf_config()
+    name, why = choose_strategy(config, len(tf.config.list_physical_devices("GPU")), tf_config)
+    logging.info("Strategy %s (%s).", name, why)
     if name == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config.tpu)
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     if name == "multi_worker":
-        if parse_tf_config() is None:
+        if tf_config is None:
             raise UserError("--strategy=multi_worker needs TF_CONFIG (the cluster and this "
                             "worker's index); see k8s/README.md.")
         # Without a timeout, a lost peer leaves the others waiting forever.
@@ -112,8 +138,25 @@ def num_workers(strategy: tf.distribute.Strategy) -> int:
     return 1
 
 
-def choose_precision(config: TrainConfig, strategy: tf.distribute.Strategy) -> tuple[str, str]:
-    """Returns (policy name, reason) for `config.precision` on this hardware."""
+def choose_precision(config: TrainConfig, strategy: tf.distribute.Strategy,
+                     backbone_follows_policy: bool = True) -> tuple[str, str]:
+    """Returns (policy name, reason) for `config.precision` on this hardware and backbone.
+
+    Args:
+      config: the train section (precision).
+      strategy: the run's strategy (TPU or not).
+      backbone_follows_policy: False for backbones that keep their own dtypes
+        (TF Hub SavedModels): the head computes in float32 anyway, so a mixed
+        policy would change nothing but add loss scaling; float32 is chosen.
+    """
+    policy, why = _hardware_precision(config, strategy)
+    if policy != "float32" and not backbone_follows_policy:
+        return "float32", ("a TF Hub SavedModel keeps its saved float32 dtypes and the head "
+                           f"computes in float32: nothing would compute in {policy} ({why})")
+    return policy, why
+
+
+def _hardware_precision(config: TrainConfig, strategy: tf.distribute.Strategy) -> tuple[str, str]:
     if config.precision != "auto":
         return config.precision, "set by --precision"
     if isinstance(strategy, tf.distribute.TPUStrategy):
@@ -128,15 +171,57 @@ def choose_precision(config: TrainConfig, strategy: tf.distribute.Strategy) -> t
     return "float32", "no TPU, no GPU of compute capability 7.0+ and no CPU bfloat16 units"
 
 
-def choose_jit_compile(config: TrainConfig, strategy: tf.distribute.Strategy) -> tuple[bool, str]:
-    """Returns (jit_compile, reason): auto turns XLA on for GPUs only."""
+def describe_precision(policy: str, backbone_follows_policy: bool = True) -> dict[str, Any]:
+    """What a run computes in under `policy`: the words its log, summary.json and HParams share.
+
+    Returns:
+      {"precision": policy, "backbone_dtype", "head_dtype", "loss_scaling"}; the
+      head is float32 always (softmax and loss in full precision); loss scaling
+      only when something computes in float16.
+    """
+    compute = keras.mixed_precision.Policy(policy).compute_dtype
+    backbone_dtype = compute if backbone_follows_policy else "float32"
+    return {"precision": policy, "backbone_dtype": backbone_dtype, "head_dtype": "float32",
+            "loss_scaling": backbone_dtype == "float16"}
+
+
+def precision_words(described: dict[str, Any]) -> str:
+    """One line for the log: `mixed_bfloat16 (backbone bfloat16, head float32, no loss scaling)`."""
+    return (f"{described['precision']} (backbone {described['backbone_dtype']}, head "
+            f"{described['head_dtype']}, {'' if described['loss_scaling'] else 'no '}loss scaling)")
+
+
+def choose_jit_compile(config: TrainConfig, strategy: tf.distribute.Strategy,
+                       trainable_saved_model: bool = False) -> tuple[bool, str]:
+    """Returns (jit_compile, reason): auto turns XLA on for GPUs only.
+
+    Args:
+      config: the train section (jit_compile).
+      strategy: the run's strategy (TPU or not).
+      trainable_saved_model: the backbone is a TF Hub SavedModel being fine-tuned.
+        XLA cannot compile its gradient once: the SavedModel's functions pass the
+        constants their gradients need (reduction axes, shapes) across a function
+        call, which makes the image batch and the weights compile-time constants,
+        so the train step would compile again at every step.
+
+    Raises:
+      UserError: --jit_compile=true with a trainable TF Hub backbone.
+    """
+    if config.jit_compile == "true" and trainable_saved_model:
+        raise UserError(
+            "--jit_compile=true cannot compile the training step of a trainable TF Hub "
+            "backbone once: XLA would compile it again for every batch (about 150x slower). "
+            "Use --jit_compile=auto or false, or --notrainable (a frozen hub backbone compiles).")
     if config.jit_compile != "auto":
         return config.jit_compile == "true", "set by --jit_compile"
     if isinstance(strategy, tf.distribute.TPUStrategy):
         return False, "TPU programs are compiled with XLA anyway"
-    if tf.config.list_physical_devices("GPU"):
-        return True, "XLA fuses GPU kernels"
-    return False, "XLA measured 2x slower than TensorFlow's CPU kernels (docs/decisions.md)"
+    if not tf.config.list_physical_devices("GPU"):
+        return False, "XLA measured 2x slower than TensorFlow's CPU kernels (docs/decisions.md)"
+    if trainable_saved_model:
+        return False, ("a trainable TF Hub backbone would be compiled again at every step "
+                       "(its SavedModel passes gradient constants across a function call)")
+    return True, "XLA fuses GPU kernels"
 
 
 def set_precision(policy: str) -> None:

@@ -10,21 +10,28 @@ import logging as std_logging
 import os
 import sys
 
-from absl import app, flags, logging
+from trainer import sigterm
+
+if __name__ == "__main__":
+    # Before TensorFlow loads (seconds): SIGTERM then exits 143 at once, even as PID 1.
+    sigterm.install()
+
+from absl import app, flags, logging  # noqa: E402  after the SIGTERM handler
 
 # tensorflow_hub defines --tfhub_cache_dir and --tfhub_model_load_format;
 # importing it makes them valid here (never redefine them).
-import tensorflow_hub  # noqa: F401  pylint: disable=unused-import
+import tensorflow_hub  # noqa: E402,F401  pylint: disable=unused-import
 
-from trainer import config as config_lib
-from trainer import train
-from trainer.cli import fail, parse_flags
-from trainer.callbacks import Preempted, TrainingError
+from trainer import config as config_lib  # noqa: E402
+from trainer import train  # noqa: E402
+from trainer.cli import fail, parse_flags  # noqa: E402
+from trainer.callbacks import TrainingError  # noqa: E402
+from trainer.sigterm import Preempted  # noqa: E402
 
 _D = config_lib.Config()
 EXIT_TRAINING_FAILED = 3  # the loss diverged: rerunning as is will not help
 EXIT_PEER_LOST = 4  # a multi-worker peer vanished: restart all workers to resume
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: progress is saved, rerun the same command
+EXIT_PREEMPTED = sigterm.EXIT_CODE  # 143: progress is saved, rerun the same command
 
 flags.DEFINE_enum("experiment", None, list(config_lib.PRESETS),
                   "Named preset; flags given explicitly override it.")
@@ -147,6 +154,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Entry point of `python -m trainer.main` and the `trainer` console script."""
+    sigterm.install()  # the console script's first line (done already under -m)
     app.run(main, flags_parser=parse_flags)
 
 

@@ -56,7 +56,8 @@ def create_model(config: ModelConfig, num_classes: int, image_size: int) -> kera
     backbone.network.trainable = config.trainable
     if not backbone.mixed_precision and keras.mixed_precision.global_policy().name != "float32":
         logging.info("The %s backbone does not use reduced precision: TF Hub SavedModels keep "
-                     "their saved float32 dtypes; only the head follows the %s policy.",
+                     "their saved float32 dtypes and the head computes in float32: nothing "
+                     "follows the %s policy.",
                      config.backbone, keras.mixed_precision.global_policy().name)
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     x = backbone.preprocess(inputs)

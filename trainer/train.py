@@ -22,7 +22,8 @@ from absl import logging
 
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
-from trainer import data, distribute, export, models, schedules, workdir as workdir_lib
+from trainer import data, distribute, export, models, schedules, sigterm
+from trainer import workdir as workdir_lib
 from trainer.config import Config, UserError
 
 PREVIEW_IMAGES = 8  # input images shown in TensorBoard
@@ -178,14 +179,19 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
     Raises:
       UserError: bad data, weights, hub handle or settings; names the flag.
       callbacks.TrainingError: the loss diverged.
-      callbacks.Preempted: SIGTERM arrived; the backup is at the last completed epoch.
+      sigterm.Preempted: SIGTERM arrived; a rerun resumes or completes the run.
       PeerLost: a multi-worker peer stopped answering.
     """
     # The strategy comes first: under TF_CONFIG it decides who the chief is.
     strategy = distribute.create_strategy(config.train)
     chief = distribute.is_chief(strategy)
-    with workdir_lib.locked(config.workdir, chief):
-        return _train_and_evaluate(config, strategy, chief)
+    # The run sets the global policy for its model; its caller gets its own back.
+    caller_policy = keras.mixed_precision.global_policy()
+    try:
+        with workdir_lib.locked(config.workdir, chief):
+            return _train_and_evaluate(config, strategy, chief)
+    finally:
+        keras.mixed_precision.set_global_policy(caller_policy)
 
 
 def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
@@ -204,11 +210,16 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
                         f"{replicas} replicas; use a multiple of {replicas}.")
     per_replica_batch_size = global_batch_size // replicas
     strategy_name = type(strategy).__name__.lstrip("_")
-    precision, why = distribute.choose_precision(config.train, strategy)
-    jit_compile, jit_why = distribute.choose_jit_compile(config.train, strategy)
-    logging.info("Strategy %s with %d replicas (batch %d each); precision %s (%s); "
-                 "jit_compile %s (%s).", strategy_name, replicas,
-                 per_replica_batch_size, precision, why, jit_compile, jit_why)
+    # TF Hub SavedModels keep their saved dtypes: no mixed policy reaches inside.
+    saved_model = config.model.backbone in config_lib.HUB_BACKBONES
+    precision, why = distribute.choose_precision(config.train, strategy,
+                                                 backbone_follows_policy=not saved_model)
+    computes_in = distribute.describe_precision(precision, backbone_follows_policy=not saved_model)
+    jit_compile, jit_why = distribute.choose_jit_compile(
+        config.train, strategy, trainable_saved_model=saved_model and config.model.trainable)
+    logging.info("Strategy %s with %d replicas (batch %d each). Precision %s: %s. "
+                 "jit_compile %s: %s.", strategy_name, replicas, per_replica_batch_size,
+                 distribute.precision_words(computes_in), why, jit_compile, jit_why)
     distribute.set_precision(precision)
     keras.utils.set_random_seed(config.seed)
 
@@ -227,13 +238,17 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
 
     model = create_compiled_model(config, strategy, source.num_classes, jit_compile, schedule)
     if chief:
-        callbacks_lib.write_run_summaries(
-            workdir, config_lib.flatten(config), source.preview(PREVIEW_IMAGES))
+        # What the run computes in and compiles with, not what was asked for ("auto").
+        hparams = {**config_lib.flatten(config), "precision": precision, "jit_compile": jit_compile}
+        callbacks_lib.write_run_summaries(workdir, hparams, source.preview(PREVIEW_IMAGES))
 
     started = time.time()
+    earlier_epochs = workdir_lib.read_history(os.path.join(workdir, workdir_lib.HISTORY_FILE))
     callbacks = callbacks_lib.create_callbacks(
         workdir, epochs=config.train.epochs, patience=config.train.early_stopping_patience,
         images_per_epoch=steps_per_epoch * global_batch_size, chief=chief,
+        num_classes=source.num_classes,
+        first_epoch_loss=earlier_epochs[0].get("loss") if earlier_epochs else None,
         step_learning_rate=schedule.rate if schedule else None)
     validation_steps = None
     if distribute.num_workers(strategy) > 1:
@@ -242,33 +257,40 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
         local_replicas = replicas // distribute.num_workers(strategy)
         validation_steps = math.ceil(
             math.ceil(source.sizes["val"] / per_replica_batch_size) / local_replicas)
-    with callbacks_lib.StopOnSigterm() as sigterm, lost_peer_is_an_error(strategy):
+    with callbacks_lib.StopOnSigterm() as stop_on_sigterm, lost_peer_is_an_error(strategy):
         model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
                   validation_data=val_ds, validation_steps=validation_steps,
-                  verbose=1 if sys.stdout.isatty() else 2, callbacks=[sigterm, *callbacks])
+                  verbose=1 if sys.stdout.isatty() else 2, callbacks=[stop_on_sigterm, *callbacks])
 
-    with lost_peer_is_an_error(strategy):
-        _, final_val_accuracy = model.evaluate(val_ds, steps=validation_steps, verbose=0)
-    optimizer_steps = int(keras.backend.get_value(model.optimizer.iterations))
-    # Equal on every worker when replicas stayed in sync: compare across worker logs.
-    logging.info("Final weights fingerprint: %s", weights_fingerprint(model))
-    if config.train.export:
-        export.export_model(model, source.class_names, workdir, chief)
-    if config.train.export_backbone:
-        export.export_backbone(model, config.data.image_size, workdir, chief)
-    if not chief:
-        return {}
-    history = workdir_lib.read_history(os.path.join(workdir, workdir_lib.HISTORY_FILE))
-    summary = summarize(
-        history, float(final_val_accuracy), num_replicas=replicas, precision=precision,
-        strategy=strategy_name, jit_compile=jit_compile,
-        global_batch_size=global_batch_size, num_classes=source.num_classes,
-        train_examples=num_train, val_examples=source.sizes["val"],
-        steps_per_epoch=steps_per_epoch, optimizer_steps=optimizer_steps,
-        image_size=config.data.image_size, resize_size=config.data.resize_size,
-        mixup_alpha=config.data.mixup_alpha, learning_rate=config.train.learning_rate,
-        last_process_sec=time.time() - started)
-    workdir_lib.write_summary(workdir, summary)
+    sigterm.stop_if_received("training")  # the signal came after the last step
+    # SIGTERM from here on: what is being written is finished, then the run stops
+    # (Preempted) before the next write; a rerun does the rest.
+    with sigterm.phase(sigterm.Phase.FINISHING):
+        with lost_peer_is_an_error(strategy):
+            _, final_val_accuracy = model.evaluate(val_ds, steps=validation_steps, verbose=0)
+        optimizer_steps = int(keras.backend.get_value(model.optimizer.iterations))
+        # Equal on every worker when replicas stayed in sync: compare across worker logs.
+        logging.info("Final weights fingerprint: %s", weights_fingerprint(model))
+        if config.train.export:
+            sigterm.stop_if_received("training and the final evaluation")
+            export.export_model(model, source.class_names, workdir, chief)
+        if config.train.export_backbone:
+            sigterm.stop_if_received("writing export/")
+            export.export_backbone(model, config.data.image_size, workdir, chief)
+        sigterm.stop_if_received("writing the exports")
+        if not chief:
+            return {}
+        history = workdir_lib.read_history(os.path.join(workdir, workdir_lib.HISTORY_FILE))
+        summary = summarize(
+            history, float(final_val_accuracy), num_replicas=replicas, **computes_in,
+            strategy=strategy_name, jit_compile=jit_compile,
+            global_batch_size=global_batch_size, num_classes=source.num_classes,
+            train_examples=num_train, val_examples=source.sizes["val"],
+            steps_per_epoch=steps_per_epoch, optimizer_steps=optimizer_steps,
+            image_size=config.data.image_size, resize_size=config.data.resize_size,
+            mixup_alpha=config.data.mixup_alpha, learning_rate=config.train.learning_rate,
+            last_process_sec=time.time() - started)
+        workdir_lib.write_summary(workdir, summary)
     logging.info("Best val accuracy %.4f (epoch %d); final %.4f. Written to %s.",
                  summary["best_val_accuracy"], summary["best_epoch"], final_val_accuracy, workdir)
     return summary

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import tensorflow as tf
+import tensorflow_hub as hub
 import tf_keras as keras
 
 from trainer.backbones import Backbone
@@ -39,13 +42,29 @@ def check_source(config: ModelConfig) -> None:
                         "(no saved_model.pb).")
 
 
-def build(config: ModelConfig, image_size: int) -> Backbone:
-    import tensorflow_hub as hub  # imported here: only hub backbones pay for it
+class HubFeatureVector(hub.KerasLayer):
+    """hub.KerasLayer that, while frozen, keeps GradientTape out of the SavedModel's functions.
 
+    Why: a SavedModel's functions are opaque calls in the train step. Their
+    gradient functions take constants of the forward pass (a mean's reduction
+    axes, a reshape's shape) as outputs of the forward call, and XLA makes every
+    input of a call whose output must be a compile-time constant a constant too:
+    the image batch and the backbone's weights. Under jit_compile the train step
+    then compiled again for nearly every batch. A frozen backbone needs no
+    gradient, so none is built. A trainable one needs it: see
+    `distribute.choose_jit_compile`.
+    """
+
+    def call(self, inputs: tf.Tensor, training: Any = None) -> tf.Tensor:
+        outputs = super().call(inputs, training=training)
+        return outputs if self.trainable else tf.stop_gradient(outputs)
+
+
+def build(config: ModelConfig, image_size: int) -> Backbone:
     path = handle(config)
     try:
         # Mixed precision does not reach inside a SavedModel: it keeps its dtypes.
-        layer = hub.KerasLayer(path, trainable=config.trainable, dtype="float32",
+        layer = HubFeatureVector(path, trainable=config.trainable, dtype="float32",
                                name="backbone")
     except Exception as e:
         raise UserError(
