@@ -57,6 +57,9 @@ def test_trainable_and_learning_rate_defaults_follow_the_backbone():
     ({"strategy": "tpu"}, "--tpu"),
     ({"learning_rate": -1.0}, "--learning_rate"),
     ({"backbone": "resnet50", "image_size": 16}, "--image_size"),
+    ({"backbone": "wide_resnet", "batch_norm_momentum": 1.0}, "--batch_norm_momentum"),
+    ({"backbone": "bit", "batch_norm_momentum": 0.9}, "--batch_norm_momentum"),  # a hub model
+    ({"backbone": "resnet50", "trainable": True, "batch_norm_momentum": 0.9}, "--batch_norm_momentum"),
 ])
 def test_bad_values_name_their_flag(values, flag):
     with pytest.raises(UserError, match=flag):
@@ -73,3 +76,17 @@ def test_json_round_trip_and_differences():
     assert config_lib.from_json(config_lib.to_json(resolved)) == resolved
     other = config_lib.override(resolved, {"epochs": 9, "batch_size": 4})
     assert sorted(config_lib.differences(resolved, other)) == ["--batch_size", "--epochs"]
+
+
+def test_batch_norm_momentum_defaults_to_short_runs_for_statistics_learned_from_scratch():
+    def momentum(**values):
+        return config_lib.resolve(config_lib.override(config_lib.Config(), values)).model.batch_norm_momentum
+
+    assert momentum(backbone="wide_resnet") == config_lib.SCRATCH_BATCH_NORM_MOMENTUM == 0.9
+    assert momentum(backbone="resnet50", weights="none") == 0.9
+    assert momentum(backbone="wide_resnet", batch_norm_momentum=0.5) == 0.5
+    # Pretrained statistics: kept fixed (nothing to set), or updated at Keras' own rate.
+    assert momentum(backbone="resnet50", trainable=True) is None
+    assert momentum(backbone="resnet50", trainable=True, freeze_batch_norm=False) == 0.99
+    assert momentum(backbone="resnet50_hub", trainable=True, freeze_batch_norm=False) is None
+    assert momentum(backbone="bit") is None
