@@ -157,9 +157,10 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
         workdir, epochs=config.train.epochs, patience=config.train.early_stopping_patience,
         images_per_epoch=steps_per_epoch * global_batch_size, chief=chief)
     validation_steps = None
-    if distribute.num_workers(strategy) > 1:
-        # Keras needs a step count for multi-worker input. Every worker reads the
-        # whole validation split (see DataSource.dataset): count its batches.
+    if not isinstance(val_ds, tf.data.Dataset):
+        # Keras needs a step count for distributed input (any strategy but the default).
+        # Every worker reads the whole validation split (see DataSource.dataset): count
+        # its batches.
         local_replicas = replicas // distribute.num_workers(strategy)
         validation_steps = math.ceil(
             math.ceil(source.sizes["val"] / per_replica_batch_size) / local_replicas)
