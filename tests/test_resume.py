@@ -1,7 +1,9 @@
-"""Resumes keep the whole run's best epoch, its early-stopping count and every history row."""
+"""Resumes keep the whole run's best epoch, its early-stopping count and every history row;
+a rerun may extend a run or change the settings that do not change results."""
 
 import glob
 import json
+import logging
 import re
 
 import numpy as np
@@ -14,6 +16,7 @@ from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
 from trainer import models, train
 from trainer import workdir as workdir_lib
+from trainer.config import UserError
 
 # Learns well in epoch 1 (val accuracy about 0.6), so gradient ascent is clearly worse.
 TINY = {"experiment": "smoke", "synthetic_examples": 200, "image_size": 16, "wrn_width": 1,
@@ -110,13 +113,13 @@ def test_rerun_after_the_last_epoch_exports_the_best_epoch(tmp_path, monkeypatch
                         lambda *a, **k: [AscendFrom(2), *create_callbacks(*a, **k)])
     workdir = tmp_path / "run"
     config = tiny_config(workdir, epochs=2, early_stopping_patience=0)
-    first = train.train_and_evaluate(config)
+    first = train.train_and_evaluate(tiny_config(workdir, epochs=2, early_stopping_patience=0,
+                                                 export=False))
     rows = history(workdir)
     assert rows[1]["val_accuracy"] < rows[0]["val_accuracy"]  # the injection worked
     assert first["best_epoch"] == 1 and first["final_val_accuracy"] == rows[0]["val_accuracy"]
-    # What a kill during the export leaves: no summary.json, the export staged, not published.
+    # What a kill during the export leaves: everything but summary.json and the export.
     (workdir / "summary.json").unlink()
-    (workdir / "export").rename(workdir / "export.tmp-999999")
     again = train.train_and_evaluate(config)  # no epoch left to train
     assert again["final_val_accuracy"] == again["best_val_accuracy"] == rows[0]["val_accuracy"]
     assert_exports_the_best_checkpoint(workdir, config)
@@ -126,7 +129,7 @@ def test_rerun_after_the_last_epoch_exports_the_best_epoch(tmp_path, monkeypatch
 def test_best_epoch_restored_by_the_backup_is_checkpointed_when_its_save_was_killed(tmp_path):
     """Killed after the last epoch's backup, while its best checkpoint was being saved."""
     workdir = tmp_path / "run"
-    config = tiny_config(workdir, epochs=1, synthetic_examples=40)
+    config = tiny_config(workdir, epochs=1, synthetic_examples=40, export=False)
     first = train.train_and_evaluate(config)
     (workdir / "summary.json").unlink()
     (workdir / "checkpoints" / "best").rename(workdir / "checkpoints" / "best.tmp-999999")
@@ -145,3 +148,26 @@ def test_publish_killed_between_its_renames_keeps_the_previous_version(tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best"]
     assert best_checkpoint_epoch(tmp_path) == 4
     assert not (tmp_path / "export.tmp-7").exists()
+
+
+@pytest.mark.slow
+def test_a_finished_run_continues_with_more_epochs_and_other_attempt_settings(tmp_path, caplog):
+    workdir = tmp_path / "run"
+    small = {"synthetic_examples": 40, "early_stopping_patience": 0, "export": False}
+    first = train.train_and_evaluate(tiny_config(workdir, epochs=1, **small))
+    assert first["epochs_completed"] == 1
+    # The same run, respelled and on another strategy: settings that do not change results.
+    caplog.set_level(logging.INFO, logger="absl")
+    longer = tiny_config(f"{workdir}/", epochs=2, strategy="one_device", steps_per_execution=2,
+                         **small)
+    second = train.train_and_evaluate(longer)
+    assert second["epochs_completed"] == 2 and [row["epoch"] for row in history(workdir)] == [1, 2]
+    assert "--strategy: auto -> one_device since the last attempt" in caplog.text
+    assert "continuing it up to --epochs=2" in caplog.text
+    assert config_lib.from_json((workdir / "config.json").read_text()) == longer
+    # A finished run is left alone; fewer epochs than done, or another result setting, are refused.
+    assert train.train_and_evaluate(longer) == second
+    with pytest.raises(UserError, match="--epochs=1 is below the 2 epochs"):
+        train.train_and_evaluate(tiny_config(workdir, epochs=1, **small))
+    with pytest.raises(UserError, match=r"\(--learning_rate differ\)"):
+        train.train_and_evaluate(tiny_config(workdir, epochs=2, **small, learning_rate=1e-3))

@@ -81,11 +81,12 @@ def test_export_serves_uint8_images_with_labels(finished_run):
 
 def test_finished_run_is_left_alone_and_other_settings_are_refused(finished_run):
     workdir, summary = finished_run
-    before = (workdir / "history.csv").read_text()
-    assert train.train_and_evaluate(tiny_config(workdir)) == summary
-    assert (workdir / "history.csv").read_text() == before
-    with pytest.raises(UserError, match="--epochs"):
-        train.train_and_evaluate(tiny_config(workdir, epochs=5))
+    before = {name: (workdir / name).read_text() for name in ("history.csv", "config.json")}
+    # Another spelling of the workdir, another strategy: the same run, left alone.
+    assert train.train_and_evaluate(tiny_config(f"{workdir}/", strategy="one_device")) == summary
+    assert before == {name: (workdir / name).read_text() for name in before}
+    with pytest.raises(UserError, match="--learning_rate"):
+        train.train_and_evaluate(tiny_config(workdir, learning_rate=0.5))
 
 
 def test_batch_size_must_divide_over_replicas(tmp_path, monkeypatch):

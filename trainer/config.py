@@ -198,29 +198,46 @@ def trains_batch_norm_statistics(model: ModelConfig) -> bool:
             and not (model.freeze_batch_norm and is_pretrained(model)))
 
 
+def local_path(path: str | None) -> str | None:
+    """The absolute form of a local path, so that two spellings of one place compare equal;
+    URLs (`scheme://...`), None and "" unchanged."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def resolve(config: Config) -> Config:
-    """Fills the defaults that depend on other fields, then checks the result.
+    """Fills the defaults that depend on other fields, normalises paths, then checks the result.
 
     Raises:
       UserError: a value is out of range or values conflict; names the flag.
     """
-    trainable = config.model.trainable
+    model = config.model
+    trainable = model.trainable
     if trainable is None:
-        trainable = not is_pretrained(config.model)
+        trainable = not is_pretrained(model)
     learning_rate = config.train.learning_rate
     if learning_rate is None:
-        fine_tune = trainable and is_pretrained(config.model)
+        fine_tune = trainable and is_pretrained(model)
         learning_rate = 1e-5 if fine_tune else 1e-3
-    momentum = config.model.batch_norm_momentum
+    momentum = model.batch_norm_momentum
     if momentum is None and trains_batch_norm_statistics(
-            dataclasses.replace(config.model, trainable=trainable)):
-        momentum = (KERAS_BATCH_NORM_MOMENTUM if is_pretrained(config.model)
-                    else SCRATCH_BATCH_NORM_MOMENTUM)
+            dataclasses.replace(model, trainable=trainable)):
+        momentum = KERAS_BATCH_NORM_MOMENTUM if is_pretrained(model) else SCRATCH_BATCH_NORM_MOMENTUM
     workdir = config.workdir or os.path.join(
-        "runs", config.experiment or config.model.backbone
+        "runs", config.experiment or model.backbone
     )
-    resolved = override(config, {"trainable": trainable, "learning_rate": learning_rate,
-                                 "batch_norm_momentum": momentum, "workdir": workdir})
+    keyword_weights = ("imagenet", "none")  # not paths
+    resolved = override(config, {
+        "trainable": trainable, "learning_rate": learning_rate, "batch_norm_momentum": momentum,
+        # Kept as given (relative to where the run starts), only respelled: runs/x/ is runs/x.
+        "workdir": os.path.normpath(workdir) if "://" not in workdir else workdir,
+        "data_dir": local_path(config.data.data_dir),
+        "image_dir": local_path(config.data.image_dir),
+        "hub_handle": local_path(model.hub_handle),
+        "weights": model.weights if model.weights in keyword_weights else local_path(model.weights),
+        "bit_weights": model.bit_weights if model.bit_weights == "none" else local_path(model.bit_weights),
+    })
     check(resolved)
     return resolved
 
@@ -317,7 +334,34 @@ def from_json(text: str) -> Config:
     )
 
 
+# Settings that may change between attempts at one run (its resumes): they change
+# where, how fast or how long it runs, not what an epoch computes. Every other
+# field is the run's identity (model, data, optimisation, global batch, seed).
+ATTEMPT_SETTINGS = frozenset({
+    "experiment",  # a preset only fills the other fields, which are compared
+    "workdir",  # the run is the directory its files are in, however it is spelled
+    "cache",  # the same decoded images, from memory, a file or no cache
+    "epochs",  # raising it continues a run; below the epochs done is refused (workdir.prepare)
+    "early_stopping_patience",  # when to stop, not what an epoch computes
+    "precision",  # variables stay float32; a run preempted on a TPU can resume on GPUs
+    "strategy", "tpu",  # the global batch is compared, not how it is spread over replicas
+    "collective_timeout_sec", "steps_per_execution", "jit_compile",  # how fast
+    "export", "export_backbone",  # what is written at the end
+})
+
+
 def differences(a: Config, b: Config) -> list[str]:
-    """Returns the flags whose values differ between two configurations."""
+    """Returns the flags of the settings that change results (a run's identity) and differ.
+
+    Paths are compared as `resolve` normalised them.
+    """
     flat_a, flat_b = flatten(a), flatten(b)
-    return [flag(name) for name in flat_a if flat_a[name] != flat_b[name]]
+    return [flag(name) for name in flat_a
+            if name not in ATTEMPT_SETTINGS and flat_a[name] != flat_b[name]]
+
+
+def attempt_changes(a: Config, b: Config) -> list[str]:
+    """Returns `--flag: old -> new` for each setting of ATTEMPT_SETTINGS that differs."""
+    flat_a, flat_b = flatten(a), flatten(b)
+    return [f"{flag(name)}: {flat_a[name]} -> {flat_b[name]}" for name in flat_a
+            if name in ATTEMPT_SETTINGS and flat_a[name] != flat_b[name]]

@@ -217,36 +217,63 @@ def trained_an_epoch(workdir: str) -> bool:
             or (os.path.isdir(backup) and bool(os.listdir(backup))))
 
 
-def prepare(config: Config, chief: bool) -> dict[str, Any] | None:
-    """Checks the workdir holds this config (recording it if new); returns a finished run's summary.
+def read_config(workdir: str) -> Config | None:
+    """The config.json of the run's latest attempt, or None in a new workdir."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return config_lib.from_json(f.read())
 
-    Call under `locked`. A workdir whose earlier attempt trained no epoch takes
-    the new settings.
+
+def prepare(config: Config, chief: bool) -> dict[str, Any] | None:
+    """Checks the workdir holds a run of this config and records the attempt; returns the
+    summary of a run that is finished under this config, else None.
+
+    Only the settings that change results are compared (`config.differences`);
+    the others may change between attempts and are logged. A workdir whose earlier
+    attempt trained no epoch takes any new settings. A finished run continues when
+    this config allows more epochs (a higher --epochs or --early_stopping_patience).
+    Call under `locked`.
 
     Raises:
-      UserError: the workdir holds a run of another config.
+      UserError: the workdir holds a run of other settings, or more epochs than --epochs.
     """
     workdir = config.workdir
     if chief:  # under the lock: no other writer is alive
         remove_stale_temporaries(workdir)
-    config_path = os.path.join(workdir, CONFIG_FILE)
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            previous = config_lib.from_json(f.read())
+    previous = read_config(workdir)
+    history = read_history(os.path.join(workdir, HISTORY_FILE))
+    if previous is not None:
         changed = config_lib.differences(previous, config)
         if changed and not trained_an_epoch(workdir):
             logging.info("The earlier attempt in %s trained no epoch; starting afresh with "
                          "the new settings (%s).", workdir, ", ".join(changed))
-            changed = []
-            if chief:
-                write_atomically(config_path, config_lib.to_json(config) + "\n")
-        if changed:
+        elif changed:
             raise UserError(
                 f"--workdir={workdir} holds a run with other settings ({', '.join(changed)} "
                 "differ); rerun with the same flags to resume it, or use a new --workdir.")
-    elif chief:
-        write_atomically(config_path, config_lib.to_json(config) + "\n")
-    return read_summary(workdir)
+        if len(history) > config.train.epochs:
+            raise UserError(
+                f"--epochs={config.train.epochs} is below the {len(history)} epochs the run in "
+                f"--workdir={workdir} has completed; rerun with --epochs={len(history)} or more.")
+    summary = read_summary(workdir)
+    if summary is not None:
+        if len(history) >= config.train.epochs or early_stopping_done(
+                history, config.train.early_stopping_patience):
+            return summary
+        logging.info("The run in %s finished after %d epochs; continuing it up to --epochs=%d "
+                     "(--early_stopping_patience=%d).", workdir, len(history),
+                     config.train.epochs, config.train.early_stopping_patience)
+        if chief:
+            os.remove(os.path.join(workdir, SUMMARY_FILE))
+    if previous is not None:
+        for change in config_lib.attempt_changes(previous, config):
+            logging.info("%s since the last attempt (a setting that may change between "
+                         "attempts: it does not change what an epoch computes).", change)
+    if chief and previous != config:
+        write_atomically(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config) + "\n")
+    return None
 
 
 def read_summary(workdir: str) -> dict[str, Any] | None:
