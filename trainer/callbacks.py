@@ -184,7 +184,7 @@ def create_callbacks(workdir: str, *, epochs: int, patience: int, images_per_epo
       epochs: the maximum number of epochs.
       patience: epochs without val-accuracy gain before stopping; 0 never stops.
       images_per_epoch: training images per epoch, all replicas together.
-      chief: whether this process writes history.csv.
+      chief: whether this process writes history.csv and keeps the best checkpoint.
     """
     callbacks: list[keras.callbacks.Callback] = [EpochStats(images_per_epoch, epochs)]
     if chief:
