@@ -95,8 +95,8 @@ def poison_the_loss(monkeypatch, factor, from_step):
 
     create = train.create_compiled_model
 
-    def create_poisoned(config, strategy, num_classes, jit_compile):
-        model = create(config, strategy, num_classes, jit_compile)
+    def create_poisoned(config, strategy, num_classes, jit_compile, *schedule):
+        model = create(config, strategy, num_classes, jit_compile, *schedule)
         iterations = model.optimizer.iterations
 
         def poisoned_loss(labels, probabilities):

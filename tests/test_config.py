@@ -57,6 +57,9 @@ def test_trainable_and_learning_rate_defaults_follow_the_backbone():
     ({"strategy": "tpu"}, "--tpu"),
     ({"learning_rate": -1.0}, "--learning_rate"),
     ({"backbone": "resnet50", "image_size": 16}, "--image_size"),
+    ({"backbone": "wide_resnet", "batch_norm_momentum": 1.0}, "--batch_norm_momentum"),
+    ({"backbone": "bit", "batch_norm_momentum": 0.9}, "--batch_norm_momentum"),  # a hub model
+    ({"backbone": "resnet50", "trainable": True, "batch_norm_momentum": 0.9}, "--batch_norm_momentum"),
 ])
 def test_bad_values_name_their_flag(values, flag):
     with pytest.raises(UserError, match=flag):
@@ -68,8 +71,74 @@ def test_unknown_preset_lists_the_valid_ones():
         config_lib.preset("nope")
 
 
-def test_json_round_trip_and_differences():
+def test_json_round_trip():
     resolved = config_lib.resolve(config_lib.preset("smoke"))
     assert config_lib.from_json(config_lib.to_json(resolved)) == resolved
-    other = config_lib.override(resolved, {"epochs": 9, "batch_size": 4})
-    assert sorted(config_lib.differences(resolved, other)) == ["--batch_size", "--epochs"]
+
+
+# Each setting that changes results, with another value: a resume compares them.
+RESULT_SETTINGS = {
+    "seed": 1, "dataset": "mnist", "data_dir": "/data", "image_dir": "/photos", "val_fraction": 0.5,
+    "image_size": 16, "batch_size": 4, "augment": "flip_crop", "synthetic_examples": 50,
+    "backbone": "resnet50", "weights": "none", "hub_handle": "/hub", "bit_variant": "m-r50x1",
+    "bit_weights": "none", "trainable": False, "freeze_batch_norm": False, "wrn_depth": 16,
+    "wrn_width": 1, "dropout_rate": 0.0, "batch_norm_momentum": 0.5, "optimizer": "sgd",
+    "learning_rate": 0.5, "schedule": "bit_hyperrule", "total_steps": 1000, "mixup_alpha": 0.2,
+    "resize_size": 40,
+}
+# Each setting that may change between attempts at one run, with another value.
+ATTEMPT_SETTINGS = {
+    "experiment": None, "workdir": "elsewhere", "cache": "none", "epochs": 9,
+    "early_stopping_patience": 5, "precision": "mixed_bfloat16", "strategy": "mirrored", "tpu": "t",
+    "collective_timeout_sec": 30, "steps_per_execution": 4, "jit_compile": "true",
+    "export": False, "export_backbone": True,
+}
+
+
+def test_every_setting_is_either_compared_on_resume_or_may_change_between_attempts():
+    fields = set(config_lib.flatten(config_lib.Config())) - {"global_batch_size"} | {"batch_size"}
+    assert set(RESULT_SETTINGS) | set(ATTEMPT_SETTINGS) == fields
+    resolved = config_lib.resolve(config_lib.preset("smoke"))
+    for name, value in RESULT_SETTINGS.items():
+        other = config_lib.override(resolved, {name: value})
+        assert config_lib.differences(resolved, other) == [f"--{name}"], name
+    attempt = config_lib.override(resolved, ATTEMPT_SETTINGS)
+    assert config_lib.differences(resolved, attempt) == []
+    changes = config_lib.attempt_changes(resolved, attempt)
+    assert len(changes) == len(ATTEMPT_SETTINGS) and "--strategy: auto -> mirrored" in changes
+
+
+def test_local_paths_are_normalised_so_two_spellings_of_a_run_are_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def resolved(**values):
+        return config_lib.resolve(config_lib.override(config_lib.Config(), values))
+
+    a = resolved(workdir="runs/x/", image_dir="./photos/", data_dir="tfds", backbone="hub",
+                 hub_handle="models//fv")
+    b = resolved(workdir="runs/x", image_dir=str(tmp_path / "photos"), data_dir=str(tmp_path / "tfds"),
+                 backbone="hub", hub_handle=str(tmp_path / "models" / "fv"))
+    assert a == b
+    assert a.workdir == "runs/x" and a.data.image_dir == str(tmp_path / "photos")
+    assert resolved(backbone="resnet50", weights="w.h5").model.weights == str(tmp_path / "w.h5")
+    assert resolved(backbone="bit", bit_weights="r50.npz").model.bit_weights == str(tmp_path / "r50.npz")
+    # URLs and keywords are not paths.
+    url = resolved(backbone="bit", hub_handle="https://tfhub.dev/google/bit/s-r50x1/1",
+                   bit_weights="none", data_dir="gs://bucket/tfds")
+    assert url.model.hub_handle == "https://tfhub.dev/google/bit/s-r50x1/1"
+    assert (url.model.bit_weights, url.data.data_dir) == ("none", "gs://bucket/tfds")
+    assert resolved(backbone="resnet50").model.weights == "imagenet"
+
+
+def test_batch_norm_momentum_defaults_to_short_runs_for_statistics_learned_from_scratch():
+    def momentum(**values):
+        return config_lib.resolve(config_lib.override(config_lib.Config(), values)).model.batch_norm_momentum
+
+    assert momentum(backbone="wide_resnet") == config_lib.SCRATCH_BATCH_NORM_MOMENTUM == 0.9
+    assert momentum(backbone="resnet50", weights="none") == 0.9
+    assert momentum(backbone="wide_resnet", batch_norm_momentum=0.5) == 0.5
+    # Pretrained statistics: kept fixed (nothing to set), or updated at Keras' own rate.
+    assert momentum(backbone="resnet50", trainable=True) is None
+    assert momentum(backbone="resnet50", trainable=True, freeze_batch_norm=False) == 0.99
+    assert momentum(backbone="resnet50_hub", trainable=True, freeze_batch_norm=False) is None
+    assert momentum(backbone="bit") is None

@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import poison_the_loss, run_main
+import faults
 from trainer import workdir as workdir_lib
 from trainer.config import UserError
 
@@ -53,17 +54,21 @@ def assert_every_file_is_whole(workdir):
     assert epochs == list(range(1, len(epochs) + 1))  # each epoch once, in order
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_rerun_completes_and_lock_is_never_stale(tmp_path):
     workdir = tmp_path / "run"
+    flags = [*SMOKE, "--precision=float32", "--jit_compile=false"]
+    # Each kill point is an event the run pauses at (tests/faults.py), then SIGKILL.
     kill_points = [
-        ("during epoch 1", lambda: (workdir / "train").exists()),
-        ("right after an epoch's backup and history row", lambda: len(epochs_in_history(workdir)) >= 1),
-        ("during the export", lambda: glob.glob(str(workdir / "export.tmp-*"))),
+        ("during epoch 1", "train_batch:1"),  # after its first training step
+        ("right after epoch 1's history row and backup", "backup:1"),  # before its best checkpoint
+        ("during the export", "publish:export"),  # the SavedModel staged, not yet published
     ]
-    for name, condition in kill_points:
-        process = start(workdir)
-        wait_for(process, condition)
+    for name, event in kill_points:
+        process, marker = faults.start(workdir, flags, pause_at=event)
+        faults.wait_for(process, lambda: os.path.exists(marker))
         if name == "during epoch 1":
+            assert epochs_in_history(workdir) == []
             # A live run holds the workdir: a second run is refused.
             with pytest.raises(UserError, match="in use by another run"):
                 with workdir_lib.locked(str(workdir), chief=True):
@@ -73,8 +78,9 @@ def test_sigkill_anywhere_then_rerun_completes_and_lock_is_never_stale(tmp_path)
         assert_every_file_is_whole(workdir)
         if name == "during the export":
             assert "Epoch 1/3:" not in err  # this run had resumed after epoch 1
+            assert glob.glob(str(workdir / "export.tmp-*"))
     # The killed run's lock is gone with its process; the rerun takes over.
-    final = subprocess.run([sys.executable, "-m", "trainer.main", *SMOKE, f"--workdir={workdir}"],
+    final = subprocess.run([sys.executable, "-m", "trainer.main", *flags, f"--workdir={workdir}"],
                            capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr[-2000:]
     assert epochs_in_history(workdir) == [1, 2, 3]
@@ -82,7 +88,8 @@ def test_sigkill_anywhere_then_rerun_completes_and_lock_is_never_stale(tmp_path)
     assert summary["epochs_completed"] == 3
     # The smoke preset's synthetic data has 5 classes (chance 0.2): it must learn.
     assert summary["best_val_accuracy"] > 0.5
-    assert not glob.glob(str(workdir / "*.tmp-*")) and not glob.glob(str(workdir / "*.old-*"))
+    assert not glob.glob(str(workdir / "**" / "*.tmp-*"), recursive=True)
+    assert not glob.glob(str(workdir / "**" / "*.old-*"), recursive=True)
     tf.saved_model.load(str(workdir / "export"))
 
 

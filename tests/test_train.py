@@ -39,7 +39,7 @@ def tags(logdir):
 def test_run_writes_every_artefact(finished_run):
     workdir, summary = finished_run
     for name in ("config.json", "history.csv", "summary.json", "export/saved_model.pb",
-                 "export/labels.txt", "checkpoints/best.index"):
+                 "export/labels.txt", "checkpoints/best/weights.index"):
         assert (workdir / name).exists(), name
     assert os.listdir(workdir / "backup")
     assert config_lib.from_json((workdir / "config.json").read_text()) == tiny_config(workdir)
@@ -54,6 +54,9 @@ def test_run_writes_every_artefact(finished_run):
         assert key in summary, key
     assert summary["epochs_completed"] == 2 and summary["num_replicas"] == 1
     assert summary["best_val_accuracy"] == max(float(row["val_accuracy"]) for row in rows)
+    # The export is the best epoch's weights, evaluated again.
+    assert summary["final_val_accuracy"] == summary["best_val_accuracy"]
+    assert workdir_lib.read_best_checkpoint_epoch(str(workdir))["epoch"] == summary["best_epoch"]
     assert summary["precision"] in ("float32", "mixed_bfloat16")
 
 
@@ -78,11 +81,12 @@ def test_export_serves_uint8_images_with_labels(finished_run):
 
 def test_finished_run_is_left_alone_and_other_settings_are_refused(finished_run):
     workdir, summary = finished_run
-    before = (workdir / "history.csv").read_text()
-    assert train.train_and_evaluate(tiny_config(workdir)) == summary
-    assert (workdir / "history.csv").read_text() == before
-    with pytest.raises(UserError, match="--epochs"):
-        train.train_and_evaluate(tiny_config(workdir, epochs=5))
+    before = {name: (workdir / name).read_text() for name in ("history.csv", "config.json")}
+    # Another spelling of the workdir, another strategy: the same run, left alone.
+    assert train.train_and_evaluate(tiny_config(f"{workdir}/", strategy="one_device")) == summary
+    assert before == {name: (workdir / name).read_text() for name in before}
+    with pytest.raises(UserError, match="--learning_rate"):
+        train.train_and_evaluate(tiny_config(workdir, learning_rate=0.5))
 
 
 def test_batch_size_must_divide_over_replicas(tmp_path, monkeypatch):

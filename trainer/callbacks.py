@@ -1,7 +1,10 @@
 """What a run records: TensorBoard, history.csv, backups, best checkpoint, early stopping.
 
 Only the chief writes; Keras' own callbacks send other workers' writes to
-temporary directories under MultiWorkerMirroredStrategy.
+temporary directories under MultiWorkerMirroredStrategy. At each epoch's end the
+history row comes before the backup, and the best checkpoint after it, so a kill
+anywhere loses no row and never leaves a best checkpoint the history contradicts
+(see BestEpoch).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from trainer import sigterm
 from trainer import workdir as workdir_lib
 from trainer.sigterm import Preempted
 
-MONITOR = "val_accuracy"
+MONITOR = workdir_lib.MONITOR
 # A finite loss this many times the first epoch's and this many times the loss of chance
 # (ln(classes)) has diverged: with oneDNN kernels a blown-up run can show 3e29, never NaN.
 ABSURD_LOSS_VS_FIRST_EPOCH = 1000.0
@@ -200,6 +203,57 @@ class HistoryCSV(keras.callbacks.Callback):
         workdir_lib.write_history_row(self.path, epoch + 1, logs or {})
 
 
+class BestEpoch(keras.callbacks.Callback):
+    """Keeps the best epoch's weights in checkpoints/best and stops early; survives resumes.
+
+    The best value and the epochs without gain come from history.csv, not from
+    memory, so a resumed run never replaces the best weights by a worse epoch and
+    its patience counts the epochs of earlier attempts. It runs after the backup:
+    when a kill came between the backup of the best epoch and its checkpoint, the
+    weights the backup restores are that epoch's, and they are saved at the start.
+    A run that early stopping had already ended is not resumed (see
+    `workdir.early_stopping_done`): nothing is trained.
+    """
+
+    def __init__(self, workdir: str, patience: int, chief: bool):
+        super().__init__()
+        self.workdir = workdir
+        self.patience = patience  # 0: never stop early
+        self.chief = chief
+        self.best: dict[str, Any] | None = None  # the best epoch's history row
+        self.started = False
+
+    def _start(self, epochs_done: int) -> None:
+        history = workdir_lib.read_history(os.path.join(self.workdir, workdir_lib.HISTORY_FILE))
+        # Rows past the restored epoch are from an attempt killed before their backup:
+        # those epochs run again.
+        self.best = workdir_lib.best_epoch([row for row in history if row["epoch"] <= epochs_done])
+        self.started = True
+        if self.best is not None and self.best["epoch"] == epochs_done:
+            # Decided from history.csv alone, the same on every worker.
+            workdir_lib.write_best_checkpoint(self.model, self.workdir, epochs_done,
+                                              self.best[MONITOR], self.chief)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if not self.started:
+            self._start(epoch)  # fit begins after the epochs the backup restored
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = (logs or {})[MONITOR]
+        if self.best is None or value > self.best[MONITOR]:
+            self.best = {"epoch": epoch + 1, MONITOR: value}
+            workdir_lib.write_best_checkpoint(self.model, self.workdir, epoch + 1, value,
+                                              self.chief)
+        elif self.patience and epoch + 1 - self.best["epoch"] >= self.patience:
+            logging.info("Early stopping after epoch %d: no %s gain in %d epochs since epoch %d.",
+                         epoch + 1, MONITOR, self.patience, self.best["epoch"])
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if not self.started:  # no epoch left: the backup is at the last epoch
+            self._start(self.params["epochs"])
+
+
 def create_callbacks(workdir: str, *, epochs: int, patience: int, images_per_epoch: int,
                      chief: bool, num_classes: int = 2, first_epoch_loss: float | None = None,
                      step_learning_rate: Callable[[int], float] | None = None,
@@ -211,28 +265,27 @@ def create_callbacks(workdir: str, *, epochs: int, patience: int, images_per_epo
       epochs: the maximum number of epochs.
       patience: epochs without val-accuracy gain before stopping; 0 never stops.
       images_per_epoch: training images per epoch, all replicas together.
-      chief: whether this process writes history.csv and the per-step rates.
+      chief: whether this process writes history.csv, the per-step rates and the best
+        checkpoint.
       num_classes, first_epoch_loss: what a diverged loss is measured against
         (first_epoch_loss: from history.csv when resuming).
       step_learning_rate: the rate of a step, for a schedule that is a function
         of the step: logged per step to TensorBoard.
     """
-    callbacks = [
-        EpochStats(images_per_epoch, epochs, num_classes, first_epoch_loss),
+    callbacks: list[keras.callbacks.Callback] = [
+        EpochStats(images_per_epoch, epochs, num_classes, first_epoch_loss)]
+    if chief:
+        # Before the backup: a kill between the two repeats the epoch, whose row is
+        # then replaced; after it, the epoch's row would be lost.
+        callbacks.append(HistoryCSV(os.path.join(workdir, workdir_lib.HISTORY_FILE)))
+    callbacks += [
         # Restores model, optimizer and epoch after a kill; kept after the end
         # so that a run killed while exporting does not start over.
         keras.callbacks.BackupAndRestore(os.path.join(workdir, workdir_lib.BACKUP_DIR),
                                          delete_checkpoint=False),
+        BestEpoch(workdir, patience, chief),  # after the backup: see BestEpoch
         keras.callbacks.TensorBoard(workdir, update_freq="epoch", profile_batch=0),
-        keras.callbacks.ModelCheckpoint(os.path.join(workdir, workdir_lib.BEST_CHECKPOINT),
-                                        monitor=MONITOR, mode="max", save_best_only=True,
-                                        save_weights_only=True),
-        # Ends with the best epoch's weights; patience 0 (off) never stops early.
-        keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", restore_best_weights=True,
-                                      patience=patience or epochs + 1, verbose=1),
     ]
-    if chief:
-        callbacks.append(HistoryCSV(os.path.join(workdir, workdir_lib.HISTORY_FILE)))
     if chief and step_learning_rate is not None:
         callbacks.append(StepLearningRate(os.path.join(workdir, "train"), step_learning_rate))
     return callbacks

@@ -23,6 +23,12 @@ MAX_TOTAL_STEPS = 1_000_000  # steps: the schedule holds a rate per step (a 4 MB
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 JIT_COMPILE = ("auto", "true", "false")
+NATIVE_BATCH_NORM_BACKBONES = ("resnet50", "wide_resnet")  # BN layers built here, momentum settable
+# BatchNorm momentum for statistics learned from scratch: PyTorch's default
+# (0.1 in its convention), which the Wide ResNet authors' code trains with. Keras'
+# 0.99 averages over ~100 steps, far behind the weights of a small dataset's run.
+SCRATCH_BATCH_NORM_MOMENTUM = 0.9
+KERAS_BATCH_NORM_MOMENTUM = 0.99  # Keras' default: what pretrained ResNet50 statistics were made with
 
 
 class UserError(Exception):
@@ -62,6 +68,9 @@ class ModelConfig:
     wrn_depth: int = 10  # Wide ResNet layers, 6n+4
     wrn_width: int = 2  # Wide ResNet channel multiplier k
     dropout_rate: float = 0.3  # Wide ResNet dropout inside residual blocks (paper: 0.3)
+    # Moving-average momentum of the BatchNorm statistics this run trains (native
+    # backbones); None: 0.9 from scratch, Keras' 0.99 for pretrained ones (see resolve).
+    batch_norm_momentum: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,26 +245,54 @@ def is_pretrained(model: ModelConfig) -> bool:
     return model.backbone in HUB_BACKBONES
 
 
+def trains_batch_norm_statistics(model: ModelConfig) -> bool:
+    """Whether training updates the statistics of BatchNorm layers built here (not in a
+    hub model, not pretrained ones kept fixed by --freeze_batch_norm)."""
+    return (model.backbone in NATIVE_BATCH_NORM_BACKBONES and bool(model.trainable)
+            and not (model.freeze_batch_norm and is_pretrained(model)))
+
+
+def local_path(path: str | None) -> str | None:
+    """The absolute form of a local path, so that two spellings of one place compare equal;
+    URLs (`scheme://...`), None and "" unchanged."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def resolve(config: Config) -> Config:
-    """Fills the defaults that depend on other fields, then checks the result.
+    """Fills the defaults that depend on other fields, normalises paths, then checks the result.
 
     Raises:
       UserError: a value is out of range or values conflict; names the flag.
     """
-    trainable = config.model.trainable
+    model = config.model
+    trainable = model.trainable
     if trainable is None:
-        trainable = not is_pretrained(config.model)
+        trainable = not is_pretrained(model)
     learning_rate = config.train.learning_rate
     # Under bit_hyperrule None stays: the rule's peak rate is set when the run starts.
     if learning_rate is None and config.train.schedule != "bit_hyperrule":
-        fine_tune = trainable and is_pretrained(config.model)
+        fine_tune = trainable and is_pretrained(model)
         learning_rate = 1e-5 if fine_tune else 1e-3
+    momentum = model.batch_norm_momentum
+    if momentum is None and trains_batch_norm_statistics(
+            dataclasses.replace(model, trainable=trainable)):
+        momentum = KERAS_BATCH_NORM_MOMENTUM if is_pretrained(model) else SCRATCH_BATCH_NORM_MOMENTUM
     workdir = config.workdir or os.path.join(
-        "runs", config.experiment or config.model.backbone
+        "runs", config.experiment or model.backbone
     )
-    resolved = override(
-        config, {"trainable": trainable, "learning_rate": learning_rate, "workdir": workdir}
-    )
+    keyword_weights = ("imagenet", "none")  # not paths
+    resolved = override(config, {
+        "trainable": trainable, "learning_rate": learning_rate, "batch_norm_momentum": momentum,
+        # Kept as given (relative to where the run starts), only respelled: runs/x/ is runs/x.
+        "workdir": os.path.normpath(workdir) if "://" not in workdir else workdir,
+        "data_dir": local_path(config.data.data_dir),
+        "image_dir": local_path(config.data.image_dir),
+        "hub_handle": local_path(model.hub_handle),
+        "weights": model.weights if model.weights in keyword_weights else local_path(model.weights),
+        "bit_weights": model.bit_weights if model.bit_weights == "none" else local_path(model.bit_weights),
+    })
     check(resolved)
     return resolved
 
@@ -307,6 +344,15 @@ def check(config: Config) -> None:
              f"--wrn_depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {model.wrn_depth}.")
     _require(1 <= model.wrn_width <= 16, f"--wrn_width must be 1 to 16, got {model.wrn_width}.")
     _require(bool(model.weights), "--weights must be imagenet, none or a weights file.")
+    if model.batch_norm_momentum is not None:
+        _require(0.0 <= model.batch_norm_momentum < 1.0,
+                 f"--batch_norm_momentum must be in [0, 1), got {model.batch_norm_momentum}.")
+        _require(trains_batch_norm_statistics(model),
+                 "--batch_norm_momentum applies to BatchNorm statistics this run trains: "
+                 "--backbone=wide_resnet, or resnet50 with --weights=none or "
+                 f"--nofreeze_batch_norm; not --backbone={model.backbone}"
+                 + (" (a hub model keeps its own layers)" if model.backbone in HUB_BACKBONES
+                    else " with its pretrained statistics kept fixed") + ".")
     if model.hub_handle is not None:
         _require(model.backbone in HUB_BACKBONES,
                  f"--hub_handle applies to the hub backbones ({', '.join(HUB_BACKBONES)}), "
@@ -399,7 +445,34 @@ def from_json(text: str) -> Config:
     )
 
 
+# Settings that may change between attempts at one run (its resumes): they change
+# where, how fast or how long it runs, not what an epoch computes. Every other
+# field is the run's identity (model, data, optimisation, global batch, seed).
+ATTEMPT_SETTINGS = frozenset({
+    "experiment",  # a preset only fills the other fields, which are compared
+    "workdir",  # the run is the directory its files are in, however it is spelled
+    "cache",  # the same decoded images, from memory, a file or no cache
+    "epochs",  # raising it continues a run; below the epochs done is refused (workdir.prepare)
+    "early_stopping_patience",  # when to stop, not what an epoch computes
+    "precision",  # variables stay float32; a run preempted on a TPU can resume on GPUs
+    "strategy", "tpu",  # the global batch is compared, not how it is spread over replicas
+    "collective_timeout_sec", "steps_per_execution", "jit_compile",  # how fast
+    "export", "export_backbone",  # what is written at the end
+})
+
+
 def differences(a: Config, b: Config) -> list[str]:
-    """Returns the flags whose values differ between two configurations."""
+    """Returns the flags of the settings that change results (a run's identity) and differ.
+
+    Paths are compared as `resolve` normalised them.
+    """
     flat_a, flat_b = flatten(a), flatten(b)
-    return [flag(name) for name in flat_a if flat_a[name] != flat_b[name]]
+    return [flag(name) for name in flat_a
+            if name not in ATTEMPT_SETTINGS and flat_a[name] != flat_b[name]]
+
+
+def attempt_changes(a: Config, b: Config) -> list[str]:
+    """Returns `--flag: old -> new` for each setting of ATTEMPT_SETTINGS that differs."""
+    flat_a, flat_b = flatten(a), flatten(b)
+    return [f"{flag(name)}: {flat_a[name]} -> {flat_b[name]}" for name in flat_a
+            if name in ATTEMPT_SETTINGS and flat_a[name] != flat_b[name]]

@@ -54,6 +54,10 @@ flags.DEFINE_bool("freeze_batch_norm", _D.model.freeze_batch_norm,
 flags.DEFINE_integer("wrn_depth", _D.model.wrn_depth, "Wide ResNet depth (6n+4).")
 flags.DEFINE_integer("wrn_width", _D.model.wrn_width, "Wide ResNet width multiplier.")
 flags.DEFINE_float("dropout_rate", _D.model.dropout_rate, "Wide ResNet dropout in residual blocks.")
+flags.DEFINE_float("batch_norm_momentum", None, "Momentum of the BatchNorm statistics the run "
+                   "trains (wide_resnet; resnet50 from scratch or --nofreeze_batch_norm). Default: "
+                   f"{config_lib.SCRATCH_BATCH_NORM_MOMENTUM} from scratch (suits short runs), "
+                   f"{config_lib.KERAS_BATCH_NORM_MOMENTUM} for pretrained statistics.")
 # Data.
 flags.DEFINE_string("dataset", _D.data.dataset, "TFDS image dataset (image, label) or synthetic.")
 flags.DEFINE_string("data_dir", None, "TFDS data directory (prepared data works offline).")

@@ -153,8 +153,9 @@ def create_compiled_model(
 
 
 def summarize(history: list[dict[str, Any]], final_val_accuracy: float, **extra: Any) -> dict:
-    """The run's summary.json from its history.csv rows and the final evaluation."""
-    best = max(history, key=lambda row: row.get("val_accuracy", -1.0))
+    """The run's summary.json from its history.csv rows and the final evaluation (of the
+    best epoch's weights, which are exported)."""
+    best = workdir_lib.best_epoch(history)
     speeds = [row["images_per_sec"] for row in history]
     # The first epoch of a process includes tracing; leave it out when there are others.
     steady = speeds[1:] if len(speeds) > 1 else speeds
@@ -251,24 +252,36 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
         first_epoch_loss=earlier_epochs[0].get("loss") if earlier_epochs else None,
         step_learning_rate=schedule.rate if schedule else None)
     validation_steps = None
-    if distribute.num_workers(strategy) > 1:
-        # Keras needs a step count for multi-worker input. Every worker reads the
-        # whole validation split (see DataSource.dataset): count its batches.
+    if not isinstance(val_ds, tf.data.Dataset):
+        # Keras needs a step count for distributed input (any strategy but the default).
+        # Every worker reads the whole validation split (see DataSource.dataset): count
+        # its batches.
         local_replicas = replicas // distribute.num_workers(strategy)
         validation_steps = math.ceil(
             math.ceil(source.sizes["val"] / per_replica_batch_size) / local_replicas)
-    with callbacks_lib.StopOnSigterm() as stop_on_sigterm, lost_peer_is_an_error(strategy):
-        model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
-                  validation_data=val_ds, validation_steps=validation_steps,
-                  verbose=1 if sys.stdout.isatty() else 2, callbacks=[stop_on_sigterm, *callbacks])
+    history = workdir_lib.read_history(os.path.join(workdir, workdir_lib.HISTORY_FILE))
+    if workdir_lib.early_stopping_done(history, config.train.early_stopping_patience):
+        # Killed after early stopping ended it (while exporting): resuming would train on.
+        logging.info("Early stopping ended this run after epoch %d; finishing it.",
+                     history[-1]["epoch"])
+    else:
+        with callbacks_lib.StopOnSigterm() as stop_on_sigterm, lost_peer_is_an_error(strategy):
+            model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
+                      validation_data=val_ds, validation_steps=validation_steps,
+                      verbose=1 if sys.stdout.isatty() else 2,
+                      callbacks=[stop_on_sigterm, *callbacks])
 
     sigterm.stop_if_received("training")  # the signal came after the last step
     # SIGTERM from here on: what is being written is finished, then the run stops
     # (Preempted) before the next write; a rerun does the rest.
     with sigterm.phase(sigterm.Phase.FINISHING):
+        optimizer_steps = int(keras.backend.get_value(model.optimizer.iterations))
+        # The run's result is its best epoch (of all attempts), whichever epoch it ended on.
+        best = workdir_lib.load_best_weights(model, workdir)
+        logging.info("Evaluating and exporting the weights of epoch %d, the best (%s %.4f).",
+                     best["epoch"], workdir_lib.MONITOR, best[workdir_lib.MONITOR])
         with lost_peer_is_an_error(strategy):
             _, final_val_accuracy = model.evaluate(val_ds, steps=validation_steps, verbose=0)
-        optimizer_steps = int(keras.backend.get_value(model.optimizer.iterations))
         # Equal on every worker when replicas stayed in sync: compare across worker logs.
         logging.info("Final weights fingerprint: %s", weights_fingerprint(model))
         if config.train.export:

@@ -1,9 +1,13 @@
-"""A run's directory: its lock, atomic writes, stale temporaries, config, history and summary files.
+"""A run's directory: its lock, atomic writes, stale temporaries, config, history, best checkpoint, summary.
 
 Everything a run keeps lives under its workdir. Files are written under a
 temporary name (`NAME.tmp-PID`) and renamed, so a reader sees the old or the new
 version, never half of one; what a killed run left is removed under the lock by
 the next run. An flock keeps a second live run out and dies with its holder.
+
+history.csv is the run's record: the best epoch and the epochs without gain
+(early stopping) are read from it, so they survive any number of resumes, and
+checkpoints/best holds the weights of its best epoch.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import csv
 import fcntl
 import io
 import json
+import math
 import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 from typing import Any, Iterator
 
@@ -29,8 +35,12 @@ CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.csv"
 SUMMARY_FILE = "summary.json"
 BACKUP_DIR = "backup"
-BEST_CHECKPOINT = os.path.join("checkpoints", "best")
+CHECKPOINTS_DIR = "checkpoints"
+BEST_CHECKPOINT = os.path.join(CHECKPOINTS_DIR, "best")  # a directory, published by rename
+BEST_WEIGHTS = "weights"  # checkpoint prefix inside BEST_CHECKPOINT
+BEST_EPOCH_FILE = "epoch.json"  # inside BEST_CHECKPOINT: which epoch its weights are
 LOCK_FILE = ".lock"
+MONITOR = "val_accuracy"  # the history column that decides the best epoch (higher is better)
 
 
 @contextlib.contextmanager
@@ -87,10 +97,24 @@ def publish_directory(staging: str, target: str) -> None:
 
 
 def remove_stale_temporaries(workdir: str) -> None:
-    """Removes what a killed run's write-then-rename left (`NAME.tmp-PID`, `NAME.old-PID`)."""
-    for name in os.listdir(workdir):
-        if re.search(r"\.(tmp|old)-\d+$", name):
-            path = os.path.join(workdir, name)
+    """Cleans up after a killed run's write-then-rename (`NAME.tmp-PID`, `NAME.old-PID`).
+
+    Temporaries are removed. A `NAME.old-PID` whose `NAME` is missing was the
+    published version when `publish_directory` was killed between its two
+    renames: it is put back. Call under the lock: no other writer is alive.
+    """
+    for directory in (workdir, os.path.join(workdir, CHECKPOINTS_DIR)):
+        if not os.path.isdir(directory):
+            continue
+        for name in sorted(os.listdir(directory)):
+            match = re.fullmatch(r"(.+)\.(tmp|old)-\d+", name)
+            if not match:
+                continue
+            path, published = os.path.join(directory, name), os.path.join(directory, match[1])
+            if match[2] == "old" and not os.path.exists(published):
+                logging.info("Restoring %s from %s, left by an interrupted run.", published, path)
+                os.replace(path, published)
+                continue
             logging.info("Removing %s, left by an interrupted run.", path)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
@@ -121,6 +145,71 @@ def write_history_row(path: str, epoch: int, values: dict[str, Any]) -> None:
     write_atomically(path, out.getvalue())
 
 
+def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The history row of the best epoch (the first of equal ones), or None without rows."""
+    if not history:
+        return None
+    return max(history, key=lambda row: row.get(MONITOR, -math.inf))
+
+
+def early_stopping_done(history: list[dict[str, Any]], patience: int) -> bool:
+    """Whether early stopping ends the run after the last row: `patience` epochs (0: never)
+    have passed without a gain on the best epoch."""
+    best = best_epoch(history)
+    return bool(patience) and best is not None and history[-1]["epoch"] - best["epoch"] >= patience
+
+
+def write_best_checkpoint(model: Any, workdir: str, epoch: int, value: float, chief: bool) -> None:
+    """Saves `model`'s weights as checkpoints/best, recording their 1-based `epoch` and `value`.
+
+    Written in a temporary directory, then published by rename: a kill leaves the
+    previous best whole. Every worker saves (a save may run collectives); only the
+    chief's copy is kept.
+
+    Args:
+      model: a compiled tf_keras model.
+      workdir: the run directory.
+      epoch: the 1-based epoch the weights are the end of.
+      value: that epoch's MONITOR value.
+      chief: whether this process keeps the checkpoint.
+    """
+    target = os.path.join(workdir, BEST_CHECKPOINT)
+    staging = f"{target}.tmp-{os.getpid()}" if chief else tempfile.mkdtemp()
+    os.makedirs(staging, exist_ok=True)
+    model.save_weights(os.path.join(staging, BEST_WEIGHTS))
+    if not chief:
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    write_atomically(os.path.join(staging, BEST_EPOCH_FILE),
+                     json.dumps({"epoch": epoch, MONITOR: value}) + "\n")
+    publish_directory(staging, target)
+
+
+def read_best_checkpoint_epoch(workdir: str) -> dict[str, Any] | None:
+    """What checkpoints/best holds (`epoch`, MONITOR), or None before the first epoch."""
+    path = os.path.join(workdir, BEST_CHECKPOINT, BEST_EPOCH_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_best_weights(model: Any, workdir: str) -> dict[str, Any]:
+    """Loads checkpoints/best into `model`; returns what it holds (`epoch`, MONITOR).
+
+    Raises:
+      UserError: the workdir has no best checkpoint (it was deleted by hand).
+    """
+    best = read_best_checkpoint_epoch(workdir)
+    if best is None:
+        raise UserError(
+            f"--workdir={workdir} has epochs in {HISTORY_FILE} but no {BEST_CHECKPOINT}/ (removed "
+            "by hand?); its best weights are lost: use a new --workdir.")
+    # Restores the optimizer's state too, which nothing uses after this.
+    model.load_weights(os.path.join(workdir, BEST_CHECKPOINT, BEST_WEIGHTS)).expect_partial()
+    return best
+
+
 def trained_an_epoch(workdir: str) -> bool:
     """Whether a run in `workdir` completed an epoch."""
     backup = os.path.join(workdir, BACKUP_DIR)
@@ -128,36 +217,63 @@ def trained_an_epoch(workdir: str) -> bool:
             or (os.path.isdir(backup) and bool(os.listdir(backup))))
 
 
-def prepare(config: Config, chief: bool) -> dict[str, Any] | None:
-    """Checks the workdir holds this config (recording it if new); returns a finished run's summary.
+def read_config(workdir: str) -> Config | None:
+    """The config.json of the run's latest attempt, or None in a new workdir."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return config_lib.from_json(f.read())
 
-    Call under `locked`. A workdir whose earlier attempt trained no epoch takes
-    the new settings.
+
+def prepare(config: Config, chief: bool) -> dict[str, Any] | None:
+    """Checks the workdir holds a run of this config and records the attempt; returns the
+    summary of a run that is finished under this config, else None.
+
+    Only the settings that change results are compared (`config.differences`);
+    the others may change between attempts and are logged. A workdir whose earlier
+    attempt trained no epoch takes any new settings. A finished run continues when
+    this config allows more epochs (a higher --epochs or --early_stopping_patience).
+    Call under `locked`.
 
     Raises:
-      UserError: the workdir holds a run of another config.
+      UserError: the workdir holds a run of other settings, or more epochs than --epochs.
     """
     workdir = config.workdir
     if chief:  # under the lock: no other writer is alive
         remove_stale_temporaries(workdir)
-    config_path = os.path.join(workdir, CONFIG_FILE)
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            previous = config_lib.from_json(f.read())
+    previous = read_config(workdir)
+    history = read_history(os.path.join(workdir, HISTORY_FILE))
+    if previous is not None:
         changed = config_lib.differences(previous, config)
         if changed and not trained_an_epoch(workdir):
             logging.info("The earlier attempt in %s trained no epoch; starting afresh with "
                          "the new settings (%s).", workdir, ", ".join(changed))
-            changed = []
-            if chief:
-                write_atomically(config_path, config_lib.to_json(config) + "\n")
-        if changed:
+        elif changed:
             raise UserError(
                 f"--workdir={workdir} holds a run with other settings ({', '.join(changed)} "
                 "differ); rerun with the same flags to resume it, or use a new --workdir.")
-    elif chief:
-        write_atomically(config_path, config_lib.to_json(config) + "\n")
-    return read_summary(workdir)
+        if len(history) > config.train.epochs:
+            raise UserError(
+                f"--epochs={config.train.epochs} is below the {len(history)} epochs the run in "
+                f"--workdir={workdir} has completed; rerun with --epochs={len(history)} or more.")
+    summary = read_summary(workdir)
+    if summary is not None:
+        if len(history) >= config.train.epochs or early_stopping_done(
+                history, config.train.early_stopping_patience):
+            return summary
+        logging.info("The run in %s finished after %d epochs; continuing it up to --epochs=%d "
+                     "(--early_stopping_patience=%d).", workdir, len(history),
+                     config.train.epochs, config.train.early_stopping_patience)
+        if chief:
+            os.remove(os.path.join(workdir, SUMMARY_FILE))
+    if previous is not None:
+        for change in config_lib.attempt_changes(previous, config):
+            logging.info("%s since the last attempt (a setting that may change between "
+                         "attempts: it does not change what an epoch computes).", change)
+    if chief and previous != config:
+        write_atomically(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config) + "\n")
+    return None
 
 
 def read_summary(workdir: str) -> dict[str, Any] | None:

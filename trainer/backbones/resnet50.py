@@ -1,4 +1,8 @@
-"""Keras ResNet50 (random or ImageNet weights) with the caffe preprocessing its weights expect."""
+"""Keras ResNet50 (random or ImageNet weights) with the caffe preprocessing its weights expect.
+
+Its BatchNorm layers get `config.batch_norm_momentum` when the run trains their
+statistics (resolved by `config.resolve`; None keeps Keras' 0.99).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from trainer.backbones import Backbone
-from trainer.config import ModelConfig, UserError
+from trainer.config import KERAS_BATCH_NORM_MOMENTUM, ModelConfig, UserError
 
 IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)  # caffe-style, what keras ResNet50 expects
 
@@ -27,6 +31,23 @@ def check_source(config: ModelConfig) -> None:
         raise UserError(f"--weights={config.weights} is not a file (nor imagenet or none).")
 
 
+def with_batch_norm_momentum(model: keras.Model, momentum: float) -> keras.Model:
+    """A copy of `model` (same weights) whose BatchNormalization layers have `momentum`.
+
+    keras.applications builds its BN layers with Keras' default; a clone with
+    their config changed is the public way to another momentum.
+    """
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        layer_config = layer.get_config()
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer_config["momentum"] = momentum
+        return layer.__class__.from_config(layer_config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def build(config: ModelConfig, image_size: int) -> Backbone:
     weights = None if config.weights == "none" else config.weights
     shape = (image_size, image_size, 3)
@@ -40,6 +61,9 @@ def build(config: ModelConfig, image_size: int) -> Backbone:
             "(resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5); offline, copy that "
             "file here and pass --weights=/path/to/it, or use --weights=none."
         ) from None
+    momentum = config.batch_norm_momentum
+    if momentum is not None and momentum != KERAS_BATCH_NORM_MOMENTUM:
+        resnet = with_batch_norm_momentum(resnet, momentum)
     inputs = keras.Input(shape)
     network = keras.Model(inputs, resnet(inputs), name="backbone")
     return Backbone(CaffePreprocess(dtype="float32", name="preprocess"), network,
