@@ -36,7 +36,9 @@ class DataConfig:
     image_size: int = 224  # pixels, square
     global_batch_size: int = 16  # images per step, all replicas together
     augment: str = "none"  # "none" or "flip_crop" (after the cache)
-    cache: str = "memory"  # "memory", "none" or a file prefix
+    # "auto": memory when the decoded images fit, else files under the workdir;
+    # "memory", "file" (under the workdir), "none", or a directory for the files.
+    cache: str = "auto"
     synthetic_examples: int = 1000  # images in the synthetic dataset
 
 
@@ -228,7 +230,7 @@ def check(config: Config) -> None:
     _choice("strategy", train.strategy, STRATEGIES)
     _choice("jit_compile", train.jit_compile, JIT_COMPILE)
     _require(bool(data.dataset), "--dataset must not be empty.")
-    _require(bool(data.cache), "--cache must be memory, none or a file prefix.")
+    _require(bool(data.cache), "--cache must be auto, memory, file, none or a directory.")
     _require(bool(config.workdir), "--workdir must not be empty.")
     _require(0.0 < data.val_fraction < 1.0,
              f"--val_fraction must be between 0 and 1 (exclusive), got {data.val_fraction}.")

@@ -56,7 +56,8 @@ flags.DEFINE_float("val_fraction", _D.data.val_fraction, "Share of the data held
 flags.DEFINE_integer("image_size", _D.data.image_size, "Square input size, pixels.")
 flags.DEFINE_integer("batch_size", _D.data.global_batch_size, "GLOBAL batch size (all replicas).")
 flags.DEFINE_string("augment", _D.data.augment, "none or flip_crop (random crop + flip).")
-flags.DEFINE_string("cache", _D.data.cache, "memory, none, or a file prefix for the decoded images.")
+flags.DEFINE_string("cache", _D.data.cache, "Where decoded images are kept: auto (memory when "
+                    "they fit, else files under the workdir), memory, file, none, or a directory.")
 flags.DEFINE_integer("synthetic_examples", _D.data.synthetic_examples, "Images in --dataset=synthetic.")
 # Training.
 flags.DEFINE_integer("epochs", _D.train.epochs, "Maximum number of epochs.")

@@ -137,7 +137,9 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
     keras.utils.set_random_seed(config.seed)
 
     models.check_backbone_source(config.model)  # before a long data download
-    source = data.create_data_source(config.data, config.seed)
+    source = data.create_data_source(config.data, config.seed,
+                                     cache_dir=os.path.join(workdir, data.WORKDIR_CACHE),
+                                     input_pipelines=distribute.num_workers(strategy))
     steps_per_epoch = data.steps_per_epoch(source.sizes["train"], global_batch_size)
     logging.info("Data: %d classes, %d training and %d validation examples, %d steps per epoch.",
                  source.num_classes, source.sizes["train"], source.sizes["val"], steps_per_epoch)
