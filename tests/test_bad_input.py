@@ -81,9 +81,8 @@ def messy_folder(tmp_path):
 
 def decoded_once(source, split):
     """Images of one pass over a split, as training reads them (no repeat)."""
-    names = source.example_names[split]
-    return [x.numpy() for x, _ in source._decoded(source.examples[split](), names,
-                                                    source.sizes[split])]
+    skips = data.DecodeSkips(source.example_names[split], source.sizes[split])
+    return [x.numpy() for x, _ in source._decoded(source.examples[split](), skips)]
 
 
 def test_messy_folder_keeps_every_decodable_image_and_skips_the_rest(messy_folder, caplog):

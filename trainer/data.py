@@ -119,8 +119,8 @@ class DataSource:
             shard, num_shards = pipeline_id, num_pipelines
             ds = ds.shard(num_shards, shard)
         names = self.example_names[split]
-        ds = self._decoded(ds, lambda k: names(shard + k * num_shards),
-                           len(range(shard, self.sizes[split], num_shards)))
+        ds = self._decoded(ds, DecodeSkips(lambda k: names(shard + k * num_shards),
+                                           len(range(shard, self.sizes[split], num_shards))))
         ds = self._cached(ds, split, shard, num_shards)
         if training:
             ds = ds.shuffle(SHUFFLE_BUFFER, seed=self.seed, reshuffle_each_iteration=True)
@@ -130,24 +130,24 @@ class DataSource:
 
     def preview(self, count: int) -> tf.Tensor:
         """Returns up to `count` training images as the model sees them (uint8)."""
-        ds = self._decoded(self.examples["train"]().take(count), self.example_names["train"],
-                           min(count, self.sizes["train"]))
+        ds = self._decoded(self.examples["train"]().take(count))  # the training pass names skips
         return next(iter(self._augmented(ds).batch(count)))[0]
 
-    def _decoded(self, ds: tf.data.Dataset, name_of: Callable[[int], str],
-                 count: int) -> tf.data.Dataset:
-        """Decodes a stream of `count` encoded examples; those TensorFlow cannot decode are
-        dropped, and named in the log once the stream has been read to its end."""
+    def _decoded(self, ds: tf.data.Dataset, skips: DecodeSkips | None = None) -> tf.data.Dataset:
+        """Decodes a stream of encoded examples; those TensorFlow cannot decode are
+        dropped and, with `skips`, named in the log once the stream has been read to its end."""
         if not self.encoded:
             return ds
         size = self.config.image_size
-        skips = DecodeSkips(name_of, count)
-        ds = ds.enumerate().map(
-            lambda position, example: (position, decode_image(example[0], size), example[1]),
-            num_parallel_calls=AUTOTUNE)
         # The header checks of list_image_folder keep decompression bombs and
         # non-images out; TensorFlow's decoder judges the rest (phone photos with
         # data after the JPEG, cut files). Its error is logged per file.
+        if skips is None:
+            return ds.map(lambda data, label: (decode_image(data, size), label),
+                          num_parallel_calls=AUTOTUNE).ignore_errors(log_warning=True)
+        ds = ds.enumerate().map(
+            lambda position, example: (position, decode_image(example[0], size), example[1]),
+            num_parallel_calls=AUTOTUNE)
         ds = ds.ignore_errors(log_warning=True).map(skips.passed, num_parallel_calls=AUTOTUNE)
         return run_at_end(ds, skips.report)
 
