@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -59,6 +60,15 @@ CACHE_PREFIX = "cache"  # of TensorFlow's files in a cache entry: cache.index, c
 NOT_IN_CACHE_FINGERPRINT = ("cache", "global_batch_size")
 LOGGED_NAMES = 5  # file names shown in a log line about skipped files
 CGROUP_ROOT = "/sys/fs/cgroup"  # where a container's memory limit is read
+
+
+def _png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, "PNG")
+    return out.getvalue()
+
+
+SENTINEL_PNG = _png(1, 1)  # decodes always: marks the end of a stream (see DecodeSkips)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,11 +155,10 @@ class DataSource:
         if skips is None:
             return ds.map(lambda data, label: (decode_image(data, size), label),
                           num_parallel_calls=AUTOTUNE).ignore_errors(log_warning=True)
-        ds = ds.enumerate().map(
-            lambda position, example: (position, decode_image(example[0], size), example[1]),
+        ds = skips.numbered(ds).map(
+            lambda number, example: (number, decode_image(example[0], size), example[1]),
             num_parallel_calls=AUTOTUNE)
-        ds = ds.ignore_errors(log_warning=True).map(skips.passed, num_parallel_calls=AUTOTUNE)
-        return run_at_end(ds, skips.report)
+        return skips.watched(ds.ignore_errors(log_warning=True))
 
     def _cached(self, ds: tf.data.Dataset, split: str, shard: int,
                 num_shards: int) -> tf.data.Dataset:
@@ -191,40 +200,59 @@ def run_at_end(ds: tf.data.Dataset, callback: Callable[..., Any],
 class DecodeSkips:
     """Counts and names the examples of one stream that TensorFlow could not decode.
 
-    The pipeline drops them (ignore_errors); every example that comes through is
-    marked by its position, and at the end of a pass the unmarked ones are logged,
-    each once, however many passes there are (no cache: every epoch decodes).
+    The pipeline drops them (ignore_errors). Examples are numbered before
+    decoding and followed by one that always decodes (numbered SENTINEL), so a
+    gap in the numbers that come through is a dropped example, the last ones
+    included; Python runs only at a gap and at the end of a pass, where the
+    pass's dropped examples are logged, each once however many passes decode
+    (no cache: every epoch does).
     """
 
+    SENTINEL = 2**62  # the number of the example after the last
+
     def __init__(self, name_of: Callable[[int], str], count: int):
-        self._name_of = name_of
-        self._passed = np.zeros(count, bool)
-        self._reported = np.zeros(count, bool)
+        self._name_of, self._count = name_of, count
+        self._pending: list[int] = []  # dropped in this pass, not logged yet
+        self._reported: set[int] = set()
         self._lock = threading.Lock()
 
-    def passed(self, position: tf.Tensor, image: tf.Tensor,
-               label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Marks `position` as decoded; returns (image, label)."""
-        mark = tf.numpy_function(self._mark, [position], tf.bool, stateful=True)
-        with tf.control_dependencies([mark]):
-            return tf.identity(image), label
+    def numbered(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        """(encoded image, label) -> (number, (encoded image, label)), sentinel last."""
+        label_spec = ds.element_spec[1]
+        sentinel = (tf.constant(self.SENTINEL, tf.int64),
+                    (tf.constant(SENTINEL_PNG), tf.zeros(label_spec.shape, label_spec.dtype)))
+        return ds.enumerate().concatenate(tf.data.Dataset.from_tensors(sentinel))
 
-    def _mark(self, position: np.ndarray) -> np.bool_:
-        if position < len(self._passed):  # bookkeeping must never stop training
-            self._passed[position] = True
-        return np.bool_(True)
+    def watched(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        """(number, image, label) after ignore_errors -> (image, label), gaps logged."""
+        def step(last: tf.Tensor, number: tf.Tensor, image: tf.Tensor,
+                 label: tf.Tensor) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
+            seen = tf.cond(
+                number > last + 1,
+                lambda: tf.numpy_function(self._gap, [last + 1, number], tf.bool, stateful=True),
+                lambda: tf.constant(True))
+            with tf.control_dependencies([seen]):
+                return tf.identity(number), (number, image, label)
 
-    def report(self) -> None:
-        """Logs the examples no pass has decoded that were not logged yet."""
+        ds = ds.scan(tf.constant(-1, tf.int64), lambda last, example: step(last, *example))
+        ds = ds.filter(lambda number, image, label: number != self.SENTINEL)
+        return ds.map(lambda number, image, label: (image, label))
+
+    def _gap(self, first: np.ndarray, stop: np.ndarray) -> np.bool_:
         with self._lock:
-            missing = np.flatnonzero(~self._passed & ~self._reported)
-            self._reported[missing] = True
-        if len(missing):
+            self._pending += [k for k in range(int(first), min(int(stop), self._count))
+                              if k not in self._reported]
+            if stop != self.SENTINEL:
+                return np.bool_(True)
+            dropped, self._pending = self._pending, []
+            self._reported.update(dropped)
+        if dropped:
             logging.warning(
                 "Left out %d of %d images that TensorFlow cannot decode (its error for each "
-                "is above): %s", len(missing), len(self._passed),
-                "; ".join(self._name_of(int(k)) for k in missing[:LOGGED_NAMES])
-                + ("; ..." if len(missing) > LOGGED_NAMES else ""))
+                "is above): %s", len(dropped), self._count,
+                "; ".join(self._name_of(k) for k in dropped[:LOGGED_NAMES])
+                + ("; ..." if len(dropped) > LOGGED_NAMES else ""))
+        return np.bool_(True)
 
 
 class FileCache:
