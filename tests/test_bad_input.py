@@ -1,5 +1,6 @@
 """Bad input gets a clear error or is skipped with a count: image files, flags, hub models, TF_CONFIG."""
 
+import dataclasses
 import io
 import json
 import os
@@ -171,3 +172,20 @@ def test_no_flag_combination_produces_a_traceback(argv, capsys, tmp_path):
     else:
         assert code == 2
         assert err.startswith("error: ") and err.strip().count("\n") == 0, err
+
+
+def test_undecodable_examples_are_named_once_first_middle_and_last(caplog):
+    good = jpeg_bytes(noise(20, 24))
+    encoded = [good[:40], good, good[:-200], good, b"\xff\xd8\xff broken"]  # 0, 2 and 4 fail
+    names = [f"file{k}.jpg" for k in range(5)]
+    skips = data.DecodeSkips(names.__getitem__, len(names))
+    examples = tf.data.Dataset.from_tensor_slices((encoded, tf.range(5, dtype=tf.int64)))
+    source = data.create_data_source(DataConfig(dataset="synthetic", synthetic_examples=10,
+                                                image_size=16), 0)
+    pipeline = dataclasses.replace(source, encoded=True)._decoded(examples, skips)
+    for _ in range(2):  # no cache: every pass decodes again, the log names them once
+        assert [int(label) for _, label in pipeline] == [1, 3]
+    warnings = [r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("Left out 3 of 5 images that TensorFlow cannot decode")
+    assert warnings[0].endswith(": file0.jpg; file2.jpg; file4.jpg")
