@@ -395,3 +395,10 @@ def test_decoding_to_size_keeps_the_quality_of_a_full_decode():
     truth = np.asarray(Image.fromarray(pixels).resize((96, 96), Image.BOX), float)
     assert np.abs(to_size - full).mean() < 3.0  # grey levels
     assert np.abs(to_size - truth).mean() <= np.abs(full - truth).mean()
+
+
+def test_a_misspelt_cache_mode_is_an_error_not_a_directory():
+    with pytest.raises(UserError, match="--cache=memroy is not valid"):
+        config_lib.resolve(config_lib.override(config_lib.Config(), {"cache": "memroy"}))
+    resolved = config_lib.resolve(config_lib.override(config_lib.Config(), {"cache": "./cache"}))
+    assert resolved.data.cache == "./cache"

@@ -21,6 +21,7 @@ AUGMENTS = ("none", "flip_crop")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 JIT_COMPILE = ("auto", "true", "false")
+CACHES = ("auto", "memory", "file", "none")  # or a directory for the file cache
 
 
 class UserError(Exception):
@@ -230,7 +231,10 @@ def check(config: Config) -> None:
     _choice("strategy", train.strategy, STRATEGIES)
     _choice("jit_compile", train.jit_compile, JIT_COMPILE)
     _require(bool(data.dataset), "--dataset must not be empty.")
-    _require(bool(data.cache), "--cache must be auto, memory, file, none or a directory.")
+    # A directory needs a "/": a misspelt mode must not become a directory.
+    _require(data.cache in CACHES or "/" in data.cache,
+             f"--cache={data.cache} is not valid; choose one of {', '.join(CACHES)}, or a "
+             "directory for the file cache, as a path with a / (./cache, /mnt/ssd/cache).")
     _require(bool(config.workdir), "--workdir must not be empty.")
     _require(0.0 < data.val_fraction < 1.0,
              f"--val_fraction must be between 0 and 1 (exclusive), got {data.val_fraction}.")
