@@ -1,7 +1,11 @@
 """Bad input gets a clear error or is skipped with a count: image files, flags, hub models, TF_CONFIG."""
 
+import dataclasses
+import io
 import json
+import os
 import string
+import struct
 
 import numpy as np
 import pytest
@@ -20,6 +24,31 @@ from conftest import run_main
 
 def noise(height, width, seed=0):
     return np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+
+
+def jpeg_bytes(pixels):
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+# What phones append after a JPEG's end marker: a Motion Photo's MP4 (an ftyp box,
+# then the video's mdat box) and a Samsung SEF trailer (data, directory, "SEFT").
+MP4_VIDEO = (struct.pack(">I", 24) + b"ftypmp42" + struct.pack(">I", 0) + b"isommp42"
+             + struct.pack(">I", 4104) + b"mdat" + bytes(range(256)) * 16)
+SEF_TRAILER = (b"\x00\x00\x01\x0aImage_UTC_Data1700000000000" + b"SEFH"
+               + struct.pack("<III", 106, 1, 0x0a01) + struct.pack("<II", 44, 31)
+               + struct.pack("<I", 60) + b"SEFT")
+
+
+def phone_photos(folder, seed=0):
+    """A Motion Photo, a JPEG with a SEF trailer and a truncated JPEG; returns the
+    plain JPEG the first two carry."""
+    plain = jpeg_bytes(noise(48, 64, seed))
+    (folder / "motion photo.jpg").write_bytes(plain + MP4_VIDEO)
+    (folder / "samsung.jpg").write_bytes(plain + SEF_TRAILER)
+    (folder / "truncated.jpg").write_bytes(plain[: len(plain) // 2])
+    return plain
 
 
 @pytest.fixture
@@ -51,18 +80,42 @@ def messy_folder(tmp_path):
     return str(root), 8  # 6 in "good kind", 2 in "ünïcode"
 
 
+def decoded_once(source, split):
+    """Images of one pass over a split, as training reads them (no repeat)."""
+    skips = data.DecodeSkips(source.example_names[split], source.sizes[split])
+    return [x.numpy() for x, _ in source._decoded(source.examples[split](), 16, skips)]
+
+
 def test_messy_folder_keeps_every_decodable_image_and_skips_the_rest(messy_folder, caplog):
     root, usable = messy_folder
     source = data.create_data_source(DataConfig(image_dir=root, image_size=16, val_fraction=0.25), seed=0)
     assert source.class_names == ("good kind", "ünïcode")
-    assert sum(source.sizes.values()) == usable
-    assert "Skipped 4 of 12" in caplog.text  # empty, text, truncated, bomb
+    assert "Skipped 3 of 12" in caplog.text  # empty, text, bomb: told by their headers
     assert "bomb.png (8000x8000 is more than" in caplog.text
     assert "empty class has no usable images" in caplog.text
-    # Every listed file really decodes: the pipeline's safety net drops nothing.
-    assert sum(int(images.shape[0]) for images, _ in source.dataset("val", 3)) == source.sizes["val"]
-    train_once = source._decoded(source.examples["train"](), 16)  # one pass, before repeat()
-    assert sum(1 for _ in train_once) == source.sizes["train"]
+    # The truncated JPEG's header is fine: TensorFlow's decoder leaves it out.
+    assert sum(source.sizes.values()) == usable + 1
+    assert len(decoded_once(source, "train")) + len(decoded_once(source, "val")) == usable
+    left_out = " ".join(r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage())
+    assert "truncated.jpg" in left_out
+
+
+def test_phone_photos_with_data_after_the_jpeg_are_trained_on(tmp_path, caplog):
+    folder = tmp_path / "phone"
+    for label, name in enumerate(("a", "b")):
+        (folder / name).mkdir(parents=True)
+        plain = phone_photos(folder / name, seed=label)
+    paths, _, _ = data.list_image_folder(str(folder))
+    assert sorted(os.path.basename(p) for p in paths) == sorted(
+        ["motion photo.jpg", "samsung.jpg", "truncated.jpg"] * 2)
+    source = data.create_data_source(DataConfig(image_dir=str(folder), image_size=16,
+                                                val_fraction=0.5), seed=0)
+    images = decoded_once(source, "train") + decoded_once(source, "val")
+    assert len(images) == 4  # the truncated ones are left out, by name
+    left_out = " ".join(r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage())
+    assert all(str(folder / name / "truncated.jpg") in left_out for name in ("a", "b"))
+    expected = data.decode_image(tf.constant(plain), 16).numpy()
+    assert sum(np.array_equal(image, expected) for image in images) == 2  # b's, with trailers
 
 
 def save_spatial_model(path):
@@ -119,3 +172,20 @@ def test_no_flag_combination_produces_a_traceback(argv, capsys, tmp_path):
     else:
         assert code == 2
         assert err.startswith("error: ") and err.strip().count("\n") == 0, err
+
+
+def test_undecodable_examples_are_named_once_first_middle_and_last(caplog):
+    good = jpeg_bytes(noise(20, 24))
+    encoded = [good[:40], good, good[:-200], good, b"\xff\xd8\xff broken"]  # 0, 2 and 4 fail
+    names = [f"file{k}.jpg" for k in range(5)]
+    skips = data.DecodeSkips(names.__getitem__, len(names))
+    examples = tf.data.Dataset.from_tensor_slices((encoded, tf.range(5, dtype=tf.int64)))
+    source = data.create_data_source(DataConfig(dataset="synthetic", synthetic_examples=10,
+                                                image_size=16), 0)
+    pipeline = dataclasses.replace(source, encoded=True)._decoded(examples, 16, skips)
+    for _ in range(2):  # no cache: every pass decodes again, the log names them once
+        assert [int(label) for _, label in pipeline] == [1, 3]
+    warnings = [r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("Left out 3 of 5 images that TensorFlow cannot decode")
+    assert warnings[0].endswith(": file0.jpg; file2.jpg; file4.jpg")

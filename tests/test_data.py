@@ -1,6 +1,13 @@
-"""Data sources and pipelines: image folders, TFDS (mocked), synthetic."""
+"""Data sources and pipelines: image folders, TFDS (mocked), synthetic; decoding; caches."""
 
+import collections
+import io
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -8,14 +15,15 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from trainer import data
+from trainer import config as config_lib
+from trainer import data, train
 from trainer.config import DataConfig, UserError
 
-from conftest import CLASSES
+from conftest import CLASSES, run_main
 
 
 def folder_config(image_dir, **kw):
-    return DataConfig(image_dir=image_dir, image_size=16, val_fraction=0.25, **kw)
+    return DataConfig(**{"image_dir": image_dir, "image_size": 16, "val_fraction": 0.25, **kw})
 
 
 def labels_of(ds):
@@ -52,19 +60,31 @@ def test_training_pipeline_repeats_with_full_batches(image_dir):
     assert data.steps_per_epoch(source.sizes["train"], 5) == 2
 
 
+def files_by_pixels(source, split):
+    """The split's files, keyed by the bytes of their decoded image (every file differs)."""
+    paths = [source.example_names[split](k) for k in range(source.sizes[split])]
+    return {data.decode_image(tf.io.read_file(p), 16).numpy().tobytes(): p for p in paths}
+
+
 def test_train_data_is_sharded_per_input_pipeline_and_val_read_whole(image_dir):
     source = data.create_data_source(folder_config(image_dir), seed=0)
-    contexts = [tf.distribute.InputContext(2, i, 2) for i in range(2)]
-    shards = [list(source.examples["train"]().shard(2, i).as_numpy_iterator()) for i in range(2)]
-    assert sum(len(s) for s in shards) == 14
-    for ctx in contexts:
-        val = source.dataset("val", 1, ctx)
-        assert len(labels_of(val)) == 4
-        train_first = source.dataset("train", 7, ctx).take(1)
-        assert next(iter(train_first))[0].shape[0] == 7
+    train_files, val_files = files_by_pixels(source, "train"), files_by_pixels(source, "val")
+    assert len(train_files) == 14 and len(val_files) == 4
+    shards = []
+    for pipeline_id in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id,
+                                             num_replicas_in_sync=2)
+        # 7 = 14 / 2: the first batch of a pipeline is one epoch of its shard.
+        images, _ = next(iter(source.dataset("train", 7, context)))
+        shards.append({train_files[image.tobytes()] for image in images.numpy()})
+        val = np.concatenate([x.numpy() for x, _ in source.dataset("val", 3, context)])
+        assert sorted(val_files[image.tobytes()] for image in val) == sorted(val_files.values())
+    assert len(shards[0]) == len(shards[1]) == 7
+    assert not shards[0] & shards[1]
+    assert shards[0] | shards[1] == set(train_files.values())
 
 
-def test_unreadable_files_are_skipped_with_a_count(image_dir, caplog):
+def test_files_tensorflow_cannot_decode_are_left_out_by_name(image_dir, caplog):
     open(os.path.join(image_dir, "cats", "empty.jpg"), "wb").close()
     with open(os.path.join(image_dir, "dogs", "notes.jpg"), "w") as f:
         f.write("not a picture")
@@ -77,9 +97,17 @@ def test_unreadable_files_are_skipped_with_a_count(image_dir, caplog):
         f.write(jpeg[: len(jpeg) * 4 // 5])
     open(os.path.join(image_dir, "owls", ".hidden.jpg"), "wb").close()
     paths, _, _ = data.list_image_folder(image_dir)
-    assert len(paths) == 18
-    assert "Skipped 3 of 21" in caplog.text
-    assert "cut.jpg (truncated JPEG" in caplog.text
+    assert len(paths) == 19  # the header checks pass the cut JPEG: TensorFlow judges it
+    assert "Skipped 2 of 21" in caplog.text
+    source = data.create_data_source(folder_config(image_dir), seed=0)
+    val_files = [source.example_names["val"](k) for k in range(source.sizes["val"])]
+    val_images = sum(int(x.shape[0]) for x, _ in source.dataset("val", 1))
+    next(iter(source.dataset("train", 1)))  # the shuffle buffer reads a whole pass
+    assert val_images == source.sizes["val"] - (cut in val_files)
+    split = "val" if cut in val_files else "train"
+    warning = f"Left out 1 of {source.sizes[split]} images that TensorFlow cannot decode"
+    assert warning in caplog.text and cut in caplog.text.split(warning)[1].splitlines()[0]
+    assert caplog.text.count("TensorFlow cannot decode") == 1
 
 
 def test_folder_errors_name_the_flag(tmp_path):
@@ -123,19 +151,116 @@ def test_synthetic_images_are_deterministic_and_balanced():
     assert source.sizes == {"train": 35, "val": 15} and source.num_classes == 5
 
 
-def test_file_cache_is_named_by_split_and_config(image_dir, tmp_path):
-    prefix = str(tmp_path / "cache" / "flowers")
-    source = data.create_data_source(folder_config(image_dir, cache=prefix), 0)
-    first = labels_of(source.dataset("val", 4))
-    again = labels_of(source.dataset("val", 4))  # read back from the file cache
-    assert np.array_equal(first, again)
-    names = os.listdir(tmp_path / "cache")
-    assert any(n.startswith("flowers-val-") for n in names)
-    resized = data.create_data_source(folder_config(image_dir, cache=prefix), 0)
-    assert resized._cache_file("val", 0, 1) == source._cache_file("val", 0, 1)
-    other = data.create_data_source(DataConfig(image_dir=image_dir, image_size=20, val_fraction=0.25,
-                                               cache=prefix), 0)
-    assert other._cache_file("val", 0, 1) != source._cache_file("val", 0, 1)
+def file_source(image_dir, cache_dir, **kw):
+    return data.create_data_source(folder_config(image_dir, cache="file", **kw), 0).with_cache(
+        cache_dir=str(cache_dir))
+
+
+def entries(cache_dir):
+    return sorted(n for n in os.listdir(cache_dir) if not n.startswith("."))
+
+
+def test_file_cache_is_published_once_and_read_back_without_the_files(image_dir, tmp_path):
+    cache_dir = tmp_path / "cache"
+    first = file_source(image_dir, cache_dir)
+    val = [x.numpy() for x, _ in first.dataset("val", 4)]
+    assert entries(cache_dir) == [f"val-{first.fingerprint}"]
+    again = file_source(image_dir, cache_dir)
+    shutil.move(image_dir, tmp_path / "gone")  # decoding is impossible now: only the cache can answer
+    assert all(np.array_equal(a, b) for a, b in zip(val, (x.numpy() for x, _ in again.dataset("val", 4))))
+    assert entries(cache_dir) == [f"val-{first.fingerprint}"]
+
+
+def test_file_cache_changes_with_the_files_and_settings_and_keeps_no_stale_entry(image_dir, tmp_path):
+    cache_dir = tmp_path / "cache"
+
+    def val_images(source):
+        return sum(int(x.shape[0]) for x, _ in source.dataset("val", 2))
+
+    before = file_source(image_dir, cache_dir)
+    assert val_images(before) == 4
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(os.path.join(image_dir, "owls", "new.png"))
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(os.path.join(image_dir, "dogs", "new.png"))
+    added = file_source(image_dir, cache_dir)  # 20 images: 5 for validation
+    assert added.fingerprint != before.fingerprint and val_images(added) == added.sizes["val"] == 5
+    assert entries(cache_dir) == [f"val-{added.fingerprint}"]  # the stale entry is gone
+    for name in ("owls/new.png", "dogs/new.png", "cats/cats 1.jpg"):
+        os.remove(os.path.join(image_dir, name))
+    removed = file_source(image_dir, cache_dir)  # 17 images: 4 for validation
+    assert removed.fingerprint not in (before.fingerprint, added.fingerprint)
+    assert val_images(removed) == removed.sizes["val"] == 4
+    assert entries(cache_dir) == [f"val-{removed.fingerprint}"]
+    touched = os.path.join(image_dir, "dogs", "dogs 2.png")
+    os.utime(touched, ns=(0, os.stat(touched).st_mtime_ns + 10**9))  # same name and size, new mtime
+    assert file_source(image_dir, cache_dir).fingerprint != removed.fingerprint
+    same = file_source(image_dir, cache_dir)
+    assert file_source(image_dir, cache_dir, global_batch_size=3).fingerprint == same.fingerprint
+    assert file_source(image_dir, cache_dir, image_size=20).fingerprint != same.fingerprint
+
+
+def test_concurrent_writers_of_one_cache_each_write_their_own(image_dir, tmp_path):
+    cache_dir = tmp_path / "cache"
+    first, second = file_source(image_dir, cache_dir), file_source(image_dir, cache_dir)
+    slow = iter(first.dataset("val", 1))
+    next(slow)  # first's pass is writing
+    (writing,) = entries(cache_dir)
+    assert ".tmp-" in writing and "cache_0.lockfile" in os.listdir(cache_dir / writing)
+    # A new FileCache on the directory leaves a live writer's temporary alone.
+    assert sum(int(x.shape[0]) for x, _ in second.dataset("val", 4)) == 4
+    assert entries(cache_dir) == sorted([writing, f"val-{first.fingerprint}"])
+    assert sum(1 for _ in slow) == 3  # first finishes its own pass; the published entry stays
+    assert entries(cache_dir) == [f"val-{first.fingerprint}"]
+
+
+WRITER_KILLED_MID_PASS = """
+import os, sys, time
+import numpy as np
+import tensorflow as tf
+from trainer import config as config_lib, data
+config = config_lib.from_json(open(sys.argv[1]).read())
+source = data.create_data_source(config.data, config.seed).with_cache(
+    cache_dir=os.path.join(config.workdir, data.WORKDIR_CACHE))
+
+def images():  # the trainer's cache entry for the training split, fed until it blocks
+    for label in range(3):
+        yield np.zeros((16, 16, 3), np.uint8), label
+    open(sys.argv[2], "w").close()
+    time.sleep(600)
+
+spec = (tf.TensorSpec((16, 16, 3), tf.uint8), tf.TensorSpec((), tf.int64))
+batches = iter(source._cached(tf.data.Dataset.from_generator(images, output_signature=spec),
+                              "train", 0, 1))
+for _ in batches:
+    pass
+"""
+
+
+@pytest.mark.slow
+def test_a_run_recovers_from_a_cache_write_killed_mid_pass(image_dir, tmp_path):
+    config = config_lib.resolve(config_lib.override(config_lib.preset("smoke"), {
+        "image_dir": image_dir, "image_size": 16, "val_fraction": 0.25, "cache": "file",
+        "wrn_width": 1, "batch_size": 7, "epochs": 1, "precision": "float32",
+        "jit_compile": "false", "export": False, "workdir": str(tmp_path / "run")}))
+    (tmp_path / "config.json").write_text(config_lib.to_json(config))
+    started = tmp_path / "writing"
+    child = subprocess.Popen([sys.executable, "-c", WRITER_KILLED_MID_PASS,
+                              str(tmp_path / "config.json"), str(started)])
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    cache_dir = tmp_path / "run" / data.WORKDIR_CACHE
+    (stale,) = entries(cache_dir)
+    assert ".tmp-" in stale and "cache_0.lockfile" in os.listdir(cache_dir / stale)
+
+    summary = train.train_and_evaluate(config)
+    assert summary["epochs_completed"] == 1
+    source = data.create_data_source(config.data, 0).with_cache(cache_dir=str(cache_dir))
+    assert entries(cache_dir) == [f"train-0of1-{source.fingerprint}", f"val-{source.fingerprint}"]
 
 
 def test_preview_shows_training_images():
@@ -154,3 +279,127 @@ def test_offline_download_fails_fast_naming_the_way_out(monkeypatch, tmp_path):
     assert not data.host_resolves("https://www.tensorflow.org/datasets")
     with pytest.raises(UserError, match="looks offline.*--data_dir.*--image_dir"):
         data.create_data_source(DataConfig(dataset="tf_flowers"), 0)
+
+
+Memory = collections.namedtuple("Memory", "available")
+DiskUsage = collections.namedtuple("DiskUsage", "total used free")
+
+
+@pytest.fixture
+def memory(monkeypatch, tmp_path):
+    """Sets the available memory psutil reports (no container limit on top)."""
+    monkeypatch.setattr(data, "CGROUP_ROOT", str(tmp_path / "no cgroup"))
+
+    def set_available(available_bytes):
+        monkeypatch.setattr(data.psutil, "virtual_memory", lambda: Memory(available_bytes))
+    return set_available
+
+
+def test_auto_cache_is_memory_when_the_images_fit_else_files_else_none(
+        image_dir, tmp_path, memory, monkeypatch, caplog):
+    # 18 images of 16 x 16 x 3 bytes: about 14 kB decoded.
+    caplog.set_level("INFO", logger="absl")
+    cache_dir = str(tmp_path / "cache")
+    memory(10**9)
+    source = data.create_data_source(folder_config(image_dir), 0).with_cache(cache_dir=cache_dir)
+    assert source.cache.mode == "memory"
+    assert "Cache: memory (--cache=auto: the decoded images take 0.014 MB; 50% of the " \
+           "available memory is 500 MB)" in caplog.text
+    memory(10_000)
+    source = data.create_data_source(folder_config(image_dir), 0).with_cache(cache_dir=cache_dir)
+    assert (source.cache.mode, source.cache.directory) == ("file", cache_dir)
+    assert "50% of the available memory is 0.005 MB; 50% of the free disk space" in caplog.text
+    assert sum(int(x.shape[0]) for x, _ in source.dataset("val", 4)) == 4
+    assert entries(cache_dir) == [f"val-{source.fingerprint}"]
+    assert data.create_data_source(folder_config(image_dir), 0).with_cache().cache.mode == "none"  # no workdir
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda path: DiskUsage(10**12, 10**12, 20_000))
+    source = data.create_data_source(folder_config(image_dir), 0).with_cache(cache_dir=cache_dir)
+    assert source.cache.mode == "none"
+    assert sum(int(x.shape[0]) for x, _ in source.dataset("val", 4)) == 4
+
+
+def test_a_containers_memory_limit_counts_not_the_hosts(image_dir, tmp_path, memory, monkeypatch):
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (cgroup / "memory.max").write_text("30000\n")  # cgroup v2: a 30 kB pod
+    (cgroup / "memory.current").write_text("25000\n")
+    (cgroup / "memory.stat").write_text("anon 20000\ninactive_file 1000\n")
+    memory(10**12)
+    monkeypatch.setattr(data, "CGROUP_ROOT", str(cgroup))
+    assert data.available_memory_bytes() == 6000  # 30000 - 25000 + 1000 reclaimable
+    source = data.create_data_source(folder_config(image_dir), 0).with_cache(
+        cache_dir=str(tmp_path / "c"))
+    assert source.cache.mode == "file"
+    (cgroup / "memory.max").write_text("max\n")
+    assert data.available_memory_bytes() == 10**12
+
+
+def test_explicit_memory_cache_too_large_is_an_error_before_any_decoding(
+        image_dir, tmp_path, memory, monkeypatch, capsys):
+    memory(10_000)
+    decoded = []
+    real_decode = data.decode_image
+    monkeypatch.setattr(data, "decode_image",
+                        lambda *args: decoded.append(args) or real_decode(*args))
+    code, _, err = run_main([
+        "--experiment=smoke", f"--image_dir={image_dir}", "--image_size=16", "--cache=memory",
+        "--wrn_width=1", "--precision=float32", "--jit_compile=false",
+        f"--workdir={tmp_path / 'run'}"], capsys)
+    assert code == 2
+    assert "--cache=memory: the decoded images take 0.014 MB; 50% of the available memory " \
+           "is 0.005 MB, so they would not fit. Use --cache=file" in err
+    assert "--cache=none" in err and "Traceback" not in err
+    assert decoded == []  # not even a pipeline was built
+    assert not (tmp_path / "run" / data.WORKDIR_CACHE).exists()
+
+
+@pytest.mark.parametrize("height, width, image_size, ratio", [
+    (3024, 4032, 224, 8),  # a 12 Mpx phone photo: 378 x 504 still covers 224
+    (3024, 4032, 512, 4),  # 756 x 1008
+    (375, 500, 128, 2),  # tf_flowers-sized: 188 x 250
+    (375, 500, 188, 2),  # ceil(375 / 2) = 188: just enough
+    (375, 500, 189, 1),
+    (100, 80, 128, 1),  # smaller than the input: decoded whole (then enlarged)
+    (4000, 300, 64, 4),  # the short side decides: 75 x 1000
+])
+def test_jpeg_ratio_is_the_largest_dct_scale_that_covers_the_input(height, width, image_size, ratio):
+    assert data.JPEG_RATIOS[int(data.jpeg_ratio_index(height, width, image_size))] == ratio
+
+
+def photo_jpeg(width, height, noise=4.0, seed=0):
+    """Smooth colour gradients plus sensor-like noise, quality 90: a photo's pixels."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    pixels = np.stack([128 + 100 * np.sin(xx / width * 5 + c) * np.cos(yy / height * 4 + 2 * c)
+                       for c in range(3)], -1)
+    pixels += np.random.default_rng(seed).normal(0.0, noise, pixels.shape)
+    pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=90)
+    return pixels, out.getvalue()
+
+
+def test_jpegs_are_decoded_at_the_scale_their_header_allows():
+    _, jpeg = photo_jpeg(640, 480)
+    for image_size, shape in ((60, (60, 80)), (100, (120, 160)), (200, (240, 320)),
+                              (300, (480, 640))):
+        assert data.decode_jpeg_to_size(tf.constant(jpeg), image_size).shape == (*shape, 3)
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(png, "PNG")
+    assert data.decode_image(tf.constant(png.getvalue()), 16).shape == (16, 16, 3)
+
+
+def test_decoding_to_size_keeps_the_quality_of_a_full_decode():
+    pixels, jpeg = photo_jpeg(1024, 768)
+    to_size = data.decode_image(tf.constant(jpeg), 96).numpy().astype(float)  # decoded at 1/8
+    full = data.resize(tf.io.decode_jpeg(jpeg, channels=3), 96).numpy().astype(float)
+    # The pixels averaged over each output pixel's area: what a perfect downscale gives.
+    truth = np.asarray(Image.fromarray(pixels).resize((96, 96), Image.BOX), float)
+    assert np.abs(to_size - full).mean() < 3.0  # grey levels
+    assert np.abs(to_size - truth).mean() <= np.abs(full - truth).mean()
+
+
+def test_a_misspelt_cache_mode_is_an_error_not_a_directory():
+    with pytest.raises(UserError, match="--cache=memroy is not valid"):
+        config_lib.resolve(config_lib.override(config_lib.Config(), {"cache": "memroy"}))
+    resolved = config_lib.resolve(config_lib.override(config_lib.Config(), {"cache": "./cache"}))
+    assert resolved.data.cache == "./cache"

@@ -16,6 +16,8 @@ from trainer import config as config_lib
 from trainer import data, predict, train
 from trainer.config import UserError
 
+from test_bad_input import MP4_VIDEO, SEF_TRAILER, jpeg_bytes
+
 CLASSES = ("blue", "green", "red")  # sorted, as the trainer orders class folders
 
 
@@ -65,8 +67,8 @@ def bad_files(photos, tmp_path_factory):
         "notes.png": b"this is not an image",
         "bomb.png": png_header(8_000, 8_000),
     }
-    whole = (photos / "red" / "1.jpg").read_bytes()
-    files["truncated.jpg"] = whole[:-20]  # header intact, end cut off
+    whole = jpeg_bytes(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    files["truncated.jpg"] = whole[: len(whole) * 3 // 4]  # header intact, scan lines cut
     for name, content in files.items():
         (root / name).write_bytes(content)
     return root
@@ -104,15 +106,25 @@ def test_bad_files_are_named_and_the_rest_still_predicted(classifier, photos, ba
 
     assert [r["file"] for r in results] == files
     errors = {os.path.basename(r["file"]): r["error"] for r in results if "error" in r}
+    assert errors.pop("truncated.jpg").startswith("cannot be decoded (")  # TensorFlow's verdict
     assert errors == {
         "empty.jpg": "empty file",
         "notes.png": "not an image (UnidentifiedImageError)",
         "bomb.png": f"8000x8000 is more than {data.MAX_IMAGE_PIXELS} pixels",
-        "truncated.jpg": "truncated JPEG (no end marker)",
         "missing.jpg": "no such file",
     }
     assert results[1]["predictions"] == results[6]["predictions"]
     assert len(results[1]["predictions"]) == 2
+
+
+def test_phone_photos_with_data_after_the_jpeg_are_predicted(classifier, photos, tmp_path):
+    plain = (photos / "red" / "3.jpg").read_bytes()
+    (tmp_path / "motion.jpg").write_bytes(plain + MP4_VIDEO)
+    (tmp_path / "samsung.jpg").write_bytes(plain + SEF_TRAILER)
+    files = [str(photos / "red" / "3.jpg"), str(tmp_path / "motion.jpg"), str(tmp_path / "samsung.jpg")]
+    results = predict.predict_files(classifier, files, top_k=3)
+    assert all("error" not in r for r in results)
+    assert results[0]["predictions"] == results[1]["predictions"] == results[2]["predictions"]
 
 
 def test_directories_are_listed_recursively_without_hidden_or_other_files(photos, tmp_path):

@@ -29,6 +29,7 @@ NATIVE_BATCH_NORM_BACKBONES = ("resnet50", "wide_resnet")  # BN layers built her
 # 0.99 averages over ~100 steps, far behind the weights of a small dataset's run.
 SCRATCH_BATCH_NORM_MOMENTUM = 0.9
 KERAS_BATCH_NORM_MOMENTUM = 0.99  # Keras' default: what pretrained ResNet50 statistics were made with
+CACHES = ("auto", "memory", "file", "none")  # or a directory for the file cache
 
 
 class UserError(Exception):
@@ -52,7 +53,9 @@ class DataConfig:
     # MixUp's Beta(alpha, alpha), one mixing weight per batch; 0: off; None: by
     # the training-set size (--schedule=bit_hyperrule: 0.1 from 20,000 images up)
     mixup_alpha: float | None = 0.0
-    cache: str = "memory"  # "memory", "none" or a file prefix
+    # "auto": memory when the decoded images fit, else files under the workdir;
+    # "memory", "file" (under the workdir), "none", or a directory for the files.
+    cache: str = "auto"
     synthetic_examples: int = 1000  # images in the synthetic dataset
 
 
@@ -321,7 +324,10 @@ def check(config: Config) -> None:
     _choice("strategy", train.strategy, STRATEGIES)
     _choice("jit_compile", train.jit_compile, JIT_COMPILE)
     _require(bool(data.dataset), "--dataset must not be empty.")
-    _require(bool(data.cache), "--cache must be memory, none or a file prefix.")
+    # A directory needs a "/": a misspelt mode must not become a directory.
+    _require(data.cache in CACHES or "/" in data.cache,
+             f"--cache={data.cache} is not valid; choose one of {', '.join(CACHES)}, or a "
+             "directory for the file cache, as a path with a / (./cache, /mnt/ssd/cache).")
     _require(bool(config.workdir), "--workdir must not be empty.")
     _require(0.0 < data.val_fraction < 1.0,
              f"--val_fraction must be between 0 and 1 (exclusive), got {data.val_fraction}.")

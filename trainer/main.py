@@ -77,7 +77,8 @@ flags.DEFINE_string("augment", _D.data.augment, "none; flip_crop (pad by 1/8, ra
 flags.DEFINE_float("mixup_alpha", _D.data.mixup_alpha, "MixUp Beta(alpha, alpha), one mixing "
                    "weight per batch; 0 turns it off. --schedule=bit_hyperrule: default 0.1 "
                    "from 20,000 training images up, else 0.")
-flags.DEFINE_string("cache", _D.data.cache, "memory, none, or a file prefix for the decoded images.")
+flags.DEFINE_string("cache", _D.data.cache, "Where decoded images are kept: auto (memory when "
+                    "they fit, else files under the workdir), memory, file, none, or a directory.")
 flags.DEFINE_integer("synthetic_examples", _D.data.synthetic_examples, "Images in --dataset=synthetic.")
 # Training.
 flags.DEFINE_integer("epochs", _D.train.epochs, "Maximum number of epochs. Under "

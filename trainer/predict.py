@@ -4,10 +4,12 @@
   python -m trainer.predict --model=runs/x/export --top_k=1 --json photos/
 
 Reads the serving SavedModel and labels.txt that a run writes to workdir/export.
-Every file is checked from its header first (trainer.data.check_image_file:
-decompression bombs, truncated or unsupported files); a bad file is reported by
-name and the others are still predicted. Exit code 1 when any file failed,
-2 for a usage error (the model or the arguments).
+Files go through training's own checks and decoder: the header check
+(trainer.data.check_image_file: empty files, non-images, unsupported formats,
+decompression bombs), then TensorFlow's decoder (trainer.data.decode_image),
+which judges the rest (data after a JPEG's end is fine, a cut file is not). A
+bad file is reported by name and the others are still predicted. Exit code 1
+when any file failed, 2 for a usage error (the model or the arguments).
 """
 
 from __future__ import annotations

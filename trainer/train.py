@@ -227,7 +227,9 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
     models.check_backbone_source(config.model)  # before a long data download
     source = data.create_data_source(config.data, config.seed)
     config = choose_from_data(config, source)
-    source = dataclasses.replace(source, config=config.data)
+    source = dataclasses.replace(source, config=config.data).with_cache(
+        cache_dir=os.path.join(workdir, data.WORKDIR_CACHE),
+        input_pipelines=distribute.num_workers(strategy))
     num_train = source.sizes["train"]
     steps_per_epoch, schedule = create_schedule(config, num_train)
     logging.info("Data: %d classes, %d training and %d validation examples, %d steps per epoch.",
