@@ -96,7 +96,8 @@ def _target_text(report: dict[str, Any], name: str) -> str:
 def _row(label: str, reference_value: float, trainer_value: float, ratio: float,
          target: str) -> str:
     # Five significant digits: enough to check a ratio printed to two decimals.
-    return f"  {label:46}{reference_value:11.5g}{trainer_value:11.5g}{ratio:7.2f}x   {target}"
+    return (f"  {label:46} {reference_value:>10.5g} {trainer_value:>10.5g} {ratio:>8.2f}x"
+            f"   {target}").rstrip()
 
 
 def _comparison_rows(label: str, comparison: dict[str, Any], runs: str, target: str) -> list[str]:
@@ -123,7 +124,7 @@ def format_table(report: dict[str, Any]) -> str:
     hw, settings, trainer = report["hardware"], report["settings"], report["trainer"]
     flags_text = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in hw["cpu_flags"].items())
     gpus = ", ".join(g["name"] for g in hw["gpus"]) or "none"
-    header = f"{'':48}{'reference':>11}{'trainer':>11}{'ratio':>8}   target"
+    header = f"{'':48} {'reference':>10} {'trainer':>10} {'ratio':>9}   target"
     lines = [
         report["command"],
         f"CPU: {hw['cpu_model']} ({hw['cpu_count']} CPUs; {flags_text or 'flags unknown'}); "
