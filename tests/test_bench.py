@@ -76,6 +76,11 @@ def test_bad_settings_name_their_flag_before_anything_is_written(tmp_path):
     with pytest.raises(UserError, match="--epoch_images=8"):
         run(dataclasses.replace(TINY_SETTINGS, epoch_images=8, out=str(tmp_path)), "cmd")
     assert not list(tmp_path.iterdir())
+    scenarios.write_photos(str(tmp_path / "mine"), TINY_PHOTOS, seed=0)  # 9 images
+    with pytest.raises(UserError, match="--image_dir=.* has 9 usable images.*need 11"):
+        run(dataclasses.replace(TINY_SETTINGS, image_dir=str(tmp_path / "mine"), images=None,
+                                epoch_images=5, out=str(tmp_path / "out")), "cmd")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

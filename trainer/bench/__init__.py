@@ -111,29 +111,40 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
                               "scenarios": {}}
     logging.info("Hardware: %s", report["hardware"])
     with tempfile.TemporaryDirectory(prefix="trainer-bench-") as workdir:
-        configs = {}
+        configs, files = {}, {}
         for scenario in chosen:
             logging.info("Scenario %s: writing or linking %d images.", scenario.name,
                          scenario.train_images + 1)
             folder = scenarios_lib.prepare(scenario, settings.image_dir, workdir, settings.seed)
             paths, _, _ = data.list_image_folder(folder)
-            file_bytes = scenarios_lib.read_files(paths)
-            config = configs[scenario.name] = trainer_config(settings, scenario, folder,
-                                                             len(paths))
-            logging.info("Scenario %s: input pipelines on %d images.", scenario.name, len(paths))
-            report["scenarios"][scenario.name] = {
-                **dataclasses.asdict(scenario), "files": len(paths),
-                "mean_file_bytes": file_bytes / len(paths), "input": timing.time_input(config)}
+            files[scenario.name] = {"files": len(paths),
+                                    "mean_file_bytes": scenarios_lib.read_files(paths) / len(paths)}
+            configs[scenario.name] = trainer_config(settings, scenario, folder, len(paths))
+        needed = 2 * settings.epoch_images + 1  # the larger timed epoch and a validation image
+        if files[chosen[0].name]["files"] < needed:
+            raise UserError(f"--image_dir={settings.image_dir} has {files[chosen[0].name]['files']}"
+                            f" usable images; the timed epochs need {needed}. Lower "
+                            "--epoch_images.")
 
+        # Built before the input timing, so that a model that cannot be loaded
+        # (weights, a hub handle offline) stops the run within a minute.
         training = chosen[0]
         config = configs[training.name]
         report["training_scenario"] = training.name
         names = timing.side_names(settings.backbone)
-        logging.info("Training on %s: building and tracing %s.", training.name, ", ".join(names))
+        logging.info("Training on %s: building %s.", training.name, ", ".join(names))
         sides = [timing.create_side(name, config) for name in names]
         trainer = sides[names.index("trainer")]
         report["trainer"] = {**dataclasses.asdict(trainer.compute), "strategy": trainer.strategy,
                              "replicas": trainer.replicas}
+
+        for scenario in chosen:
+            logging.info("Scenario %s: input pipelines.", scenario.name)
+            report["scenarios"][scenario.name] = {
+                **dataclasses.asdict(scenario), **files[scenario.name],
+                "input": timing.time_input(configs[scenario.name])}
+
+        logging.info("Training on %s: tracing and timing.", training.name)
         report["train"] = timing.time_training(sides, settings.train_steps, settings.round_steps)
 
         logging.info("Epoch time for %d and %d training images.",

@@ -67,13 +67,21 @@ def resolve(names: tuple[str, ...], image_dir: str | None, images: int | None,
             for name in names]
 
 
-def write_photo(path: str, width: int, height: int, seed: int) -> None:
-    """Writes one photo-like JPEG of `width` x `height` pixels."""
+NOISE_MARGIN = 64  # pixels; each photo takes its noise from a shifted window of one field
+
+
+def write_photo(path: str, width: int, height: int, noise: np.ndarray, seed: int) -> None:
+    """Writes one photo-like JPEG of `width` x `height` pixels.
+
+    Args:
+      noise: int16 noise of at least (height, width) + NOISE_MARGIN; a window of
+        it at a random offset is added (decoding cost is the same as fresh noise's).
+    """
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(0, 255, (*COARSE_FIELD, 3)).astype(np.uint8)
-    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC),
-                        np.float32)
-    pixels = smooth + NOISE_GREY_LEVELS * rng.standard_normal(smooth.shape, np.float32)
+    pixels = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.int16)
+    top, left = rng.integers(0, NOISE_MARGIN, 2)
+    pixels += noise[top:top + height, left:left + width]
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
         path, quality=JPEG_QUALITY, subsampling="4:2:0")
 
@@ -85,9 +93,12 @@ def write_photos(directory: str, scenario: Scenario, seed: int) -> None:
         class_dir = os.path.join(directory, f"class_{i % GENERATED_CLASSES}")
         os.makedirs(class_dir, exist_ok=True)
         paths.append(os.path.join(class_dir, f"{i:05d}.jpg"))
+    shape = (scenario.height + NOISE_MARGIN, scenario.width + NOISE_MARGIN, 3)
+    noise = np.round(NOISE_GREY_LEVELS * np.random.default_rng(seed).standard_normal(
+        shape, np.float32)).astype(np.int16)
     # numpy's array arithmetic and PIL's encoder release the GIL: threads use every core.
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(lambda i: write_photo(paths[i], scenario.width, scenario.height,
+        list(pool.map(lambda i: write_photo(paths[i], scenario.width, scenario.height, noise,
                                             seed * 1_000_003 + i), range(len(paths))))
 
 
