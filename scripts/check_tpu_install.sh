@@ -10,7 +10,11 @@
 #
 # PYTHON=... picks the interpreter (default python3; the TPU image has 3.11).
 # No TPU is needed, nor used: on a machine without one this shows the install
-# resolves and imports, not that it drives a TPU.
+# resolves and imports, not that it drives a TPU. Importing the TPU build
+# starts libtpu, which asks the cloud's metadata server what TPU it is on and
+# retries for minutes: --install imports it with that question answered by
+# environment variables and, as root, in a network namespace of its own with no
+# network (unshare --net), so nothing leaves the machine.
 set -euo pipefail
 
 mode=${1:-}
@@ -59,7 +63,13 @@ if [[ "$mode" == "--install" ]]; then
   "$venv/bin/pip" check
   "$venv/bin/pip" list 2>/dev/null | grep -iE '^(tensorflow|tensorflow-tpu|libtpu|tf.keras|tensorboard|protobuf|numpy) '
   cd "$venv"  # import the installed package, not this checkout
-  "$venv/bin/python" -c '
+  isolate=()
+  if [[ $(id -u) == 0 ]] && command -v unshare > /dev/null; then
+    isolate=(unshare --net)
+  fi
+  # A single local host: what libtpu would otherwise ask the metadata server.
+  TPU_SKIP_MDS_QUERY=1 TPU_ACCELERATOR_TYPE=v5litepod-4 TPU_WORKER_ID=0 \
+    TPU_WORKER_HOSTNAMES=localhost timeout 600 "${isolate[@]}" "$venv/bin/python" -c '
 import tensorflow as tf, tf_keras, trainer.train
 print("imported TensorFlow", tf.__version__, "and tf_keras", tf_keras.__version__,
       "from", tf.__file__.rsplit("/", 2)[0])'
