@@ -22,6 +22,7 @@ import tensorflow as tf
 import tf_keras as keras
 from absl import logging
 
+from trainer import config as config_lib
 from trainer import data, distribute
 from trainer import train as train_lib
 from trainer.bench import reference, scenarios
@@ -98,8 +99,8 @@ def time_input(config: Config) -> dict[str, Any]:
     Both read the trainer's training split of `config.data.image_dir`. Each of
     INPUT_REPEATS builds a new trainer pipeline, whose first epoch fills a new cache.
     """
+    config, source, _, _ = train_lib.prepare_data(config)
     size, batch = config.data.image_size, config.data.global_batch_size
-    source = data.create_data_source(config.data, config.seed)
     train_images = source.sizes["train"]
     steps = data.steps_per_epoch(train_images, batch)
     recipe = reference.dataset(source.examples["train"](), size, batch)
@@ -193,17 +194,18 @@ def create_side(name: str, config: Config) -> Side:
     the recipe's settings fed by the recipe's pipeline: its ratio to the
     reference is the trainer's own overhead.
     """
-    source = data.create_data_source(config.data, config.seed)
     batch = config.data.global_batch_size
     if name == "trainer":
         strategy = distribute.create_strategy(config.train)
-        steps_per_epoch = data.steps_per_epoch(source.sizes["train"], batch)
+        config, source, steps_per_epoch, schedule = train_lib.prepare_data(config)
         compute = train_lib.choose_compute(config.train, strategy, steps_per_epoch)
         dataset = train_lib.distributed_dataset(source, "train", strategy, batch)
-        model = train_lib.create_compiled_model(config, strategy, source.num_classes, compute)
+        model = train_lib.create_compiled_model(config, strategy, source.num_classes, compute,
+                                                schedule)
         return Side(name, model, dataset, compute, type(strategy).__name__.lstrip("_"),
                     strategy.num_replicas_in_sync,
                     images_per_call=batch * compute.steps_per_execution)
+    source = data.create_data_source(config.data, config.seed)
     if name == "reference":
         model = reference.create_model(config, source.num_classes)
         dtype = reference.input_dtype(config.model.backbone)
@@ -273,14 +275,13 @@ def time_epochs(trainer: Side, config: Config, paths: list[str], image_counts: t
     for count in image_counts:
         # One image more for the validation split every DataSource holds.
         folder = scenarios.link_subset(paths, os.path.join(workdir, f"epoch-{count}"), count + 1)
-        source = data.create_data_source(
-            dataclasses.replace(config.data, image_dir=folder, val_fraction=1 / (count + 1)),
-            config.seed)
+        _, source, steps, _ = train_lib.prepare_data(config_lib.override(
+            config, {"image_dir": folder, "val_fraction": 1 / (count + 1)}))
         dataset = train_lib.distributed_dataset(source, "train", strategy, batch)
         # The first batch fills the memory cache (the shuffle buffer reads the
         # whole split), so the timed epochs are like those after the first.
         next(iter(dataset))
-        epochs[count] = (dataset, data.steps_per_epoch(source.sizes["train"], batch))
+        epochs[count] = (dataset, steps)
     seconds: dict[int, list[float]] = {count: [] for count in image_counts}
     for count in image_counts + image_counts[::-1]:
         dataset, steps = epochs[count]
