@@ -1,6 +1,6 @@
 # The trainer on NVIDIA GPUs: TensorFlow with CUDA, and this package installed
-# with exactly the README's install command (tests/test_k8s.py compares them),
-# so there is no second list of dependencies to drift.
+# with exactly the README's install command for images (tests/test_k8s.py
+# compares them): what the trainer needs, not the test tools. TPUs: Dockerfile.tpu.
 #   docker build -t REGISTRY/keras-transfer-trainer:TAG .
 # Hyper-parameters are not baked in: the Kubernetes Jobs pass trainer flags.
 # Skipped checkov check, and why (tests/test_k8s.py scans this file):
@@ -14,7 +14,7 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 COPY . .
-RUN pip install -e ".[test]"
+RUN pip install .
 
 # Runs as this unprivileged user; the Kubernetes manifests run it with the
 # same UID and a read-only root filesystem.

@@ -10,11 +10,14 @@ setup(
     packages=find_packages(include=["trainer", "trainer.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "tensorflow~=2.21.0",
-        # hub.KerasLayer is a tf_keras layer: the Keras 2 API of the same minor version.
-        "tf-keras~=2.21.0",
-        # TensorFlow 2.21 no longer installs TensorBoard.
-        "tensorboard~=2.21.0",
+        # 2.21 is what the tests run on (the newest each pin allows). 2.20 is allowed
+        # for TPUs: tensorflow-tpu, TensorFlow's TPU build, has no newer release.
+        "tensorflow>=2.20,<2.22",
+        # hub.KerasLayer is a tf_keras layer: the Keras 2 API of the same minor version
+        # (each tf-keras release itself requires its TensorFlow minor version).
+        "tf-keras>=2.20,<2.22",
+        # TensorFlow 2.21 no longer installs TensorBoard; 2.20 requires its own minor.
+        "tensorboard>=2.20,<2.22",
         "tensorflow-hub>=0.16.1",
         "tensorflow-datasets>=4.9.7",
         "pillow>=10",
@@ -29,10 +32,14 @@ setup(
             "kubernetes-validate>=1.31",
             "PyYAML>=6",
         ],
-        # TPU VMs (--tpu=local, what GKE uses) need nothing more. cloud-tpu-client
-        # is left out on purpose: its 0.10 release downgrades protobuf below what
-        # TensorFlow 2.21 imports with.
-        "tpu": [],
+        # TPU VMs (--tpu=local, what GKE uses): TensorFlow's TPU build and the TPU
+        # runtime. tf-keras requires the `tensorflow` distribution too, and both
+        # provide the `tensorflow` module: install this extra, then tensorflow-tpu
+        # again over it (README, "TPUs"; Dockerfile.tpu). libtpu: the release
+        # tensorflow-tpu 2.20.0 names as its minimum; later ones follow JAX.
+        # cloud-tpu-client is left out on purpose: its 0.10 release downgrades
+        # protobuf below what TensorFlow imports with.
+        "tpu": ["tensorflow==2.20.0", "tensorflow-tpu==2.20.0", "libtpu==0.0.14"],
     },
     entry_points={"console_scripts": ["trainer=trainer.main:run"]},
 )

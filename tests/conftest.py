@@ -95,8 +95,8 @@ def poison_the_loss(monkeypatch, factor, from_step):
 
     create = train.create_compiled_model
 
-    def create_poisoned(config, strategy, num_classes, jit_compile, *schedule):
-        model = create(config, strategy, num_classes, jit_compile, *schedule)
+    def create_poisoned(config, strategy, num_classes, compute, *schedule):
+        model = create(config, strategy, num_classes, compute, *schedule)
         iterations = model.optimizer.iterations
 
         def poisoned_loss(labels, probabilities):
@@ -105,7 +105,7 @@ def poison_the_loss(monkeypatch, factor, from_step):
 
         with strategy.scope():
             model.compile(optimizer=model.optimizer, loss=poisoned_loss, metrics=["accuracy"],
-                          jit_compile=jit_compile)
+                          jit_compile=compute.jit_compile)
         return model
 
     monkeypatch.setattr(train, "create_compiled_model", create_poisoned)

@@ -1,63 +1,131 @@
-"""The benchmark command runs end to end on a tiny size and writes well-formed bench.json.
+"""The benchmark measures what it says, and every ratio it prints can be checked from its figures.
 
 Speeds are never asserted: they belong to the machine, not to the code. The
 command runs in a subprocess because it defines its own absl flags, as
 trainer.main does, and both cannot live in one process.
 """
 
+import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 
-TINY = ["--backbone=wide_resnet", "--image_size=16", "--batch_size=4", "--images=20",
-        "--epoch_images=4", "--train_steps=2"]
-REQUIRED = {
-    "input": ["first_epoch_ratio", "cached_epoch_ratio", "cache_memory_ratio",
-              "reference_first_epoch_images_per_sec", "trainer_cached_epoch_images_per_sec",
-              "trainer_cache_bytes", "float32_cache_bytes"],
-    "train": ["throughput_ratio", "overhead_ratio", "reference_images_per_sec",
-              "trainer_images_per_sec", "trainer_matched_images_per_sec"],
-    "memory": ["reference_peak_rss_bytes", "trainer_peak_rss_bytes", "peak_rss_ratio"],
-    "epochs": ["linearity"],
-}
+import pytest
+
+from trainer.bench import Settings, run, scenarios, timing, trainer_config
+from trainer.config import UserError
+
+TINY_PHOTOS = scenarios.Scenario("tiny", "tiny photos", train_images=8, width=40, height=30,
+                                 image_size=16, first_epoch_target=None)
+TINY_SETTINGS = Settings(
+    backbone="wide_resnet", weights="none", hub_handle=None, bit_variant="s-r50x1",
+    bit_weights=None, image_size=16, batch_size=4, scenarios=("flowers",), images=8,
+    image_dir=None, train_steps=2, round_steps=1, epoch_images=4, seed=0, out="unused")
+# A ratio row: label, reference figure, trainer figure, ratio.
+RATIO_ROW = re.compile(r"^  (\S.*?)\s+([\d.e+-]+)\s+([\d.e+-]+)\s+([\d.]+)x")
+TOTALS = re.compile(r"= (\d+) images in ([\d.e+-]+) s and (\d+) images in ([\d.e+-]+) s")
 
 
-def run_bench(argv):
-    return subprocess.run([sys.executable, "-m", "trainer.bench"] + argv,
-                          capture_output=True, text=True, timeout=300)
+def test_cache_memory_is_measured_from_the_pipelines_images(tmp_path):
+    """Each side's cache bytes are those of the images its pipeline really delivers: uint8
+    at the input size for the trainer, float32 for the recipe, plus an int64 label each."""
+    scenarios.write_photos(str(tmp_path), TINY_PHOTOS, seed=0)
+    config = trainer_config(TINY_SETTINGS, TINY_PHOTOS, str(tmp_path), TINY_PHOTOS.train_images + 1)
+
+    figures = timing.time_input(config)
+
+    pixels, label_bytes = 16 * 16 * 3, 8
+    cache = figures["cache_memory"]
+    assert figures["train_images"] == 8
+    assert cache["trainer_bytes"] == 8 * (pixels + label_bytes)
+    assert cache["reference_bytes"] == 8 * (4 * pixels + label_bytes)
+    assert cache["ratio"] == cache["trainer_bytes"] / cache["reference_bytes"]
+    # Three interleaved repeats: one epoch of each side each time, three cached epochs.
+    assert figures["first_epoch"]["trainer_images"] == 3 * 8
+    assert figures["later_epoch"]["trainer_images"] == 3 * timing.CACHED_EPOCHS * 8
 
 
-def test_tiny_benchmark_writes_every_figure_and_prints_the_table(tmp_path):
-    result = run_bench(TINY + [f"--out={tmp_path}"])
+def test_a_ratio_is_the_ratio_of_the_two_totals_beside_it():
+    reference, trainer = timing.Runs(), timing.Runs()
+    for images, seconds in ((16, 1.0), (16, 3.0)):
+        reference.add(images, seconds)
+    for images, seconds in ((16, 1.0), (16, 1.0)):
+        trainer.add(images, seconds)
+    figures = timing.compare(reference, trainer)
+    assert figures["reference_images_per_sec"] == 8.0 and figures["trainer_images_per_sec"] == 16.0
+    assert figures["ratio"] == 2.0
+    assert figures["reference_runs_images_per_sec"] == [16.0, 16 / 3]
+    assert figures["median_run_ratio"] == pytest.approx((1.0 + 3.0) / 2)
+
+
+def test_generated_photos_have_the_scenario_size_and_one_image_for_validation(tmp_path):
+    from PIL import Image
+
+    scenarios.write_photos(str(tmp_path), TINY_PHOTOS, seed=0)
+    files = sorted(tmp_path.glob("class_*/*.jpg"))
+    assert len(files) == TINY_PHOTOS.train_images + 1
+    with Image.open(files[0]) as image:
+        assert image.size == (40, 30) and image.format == "JPEG"
+
+
+def test_bad_settings_name_their_flag_before_anything_is_written(tmp_path):
+    with pytest.raises(UserError, match="--scenarios=nope"):
+        run(dataclasses.replace(TINY_SETTINGS, scenarios=("nope",), out=str(tmp_path)), "cmd")
+    with pytest.raises(UserError, match="--epoch_images=8"):
+        run(dataclasses.replace(TINY_SETTINGS, epoch_images=8, out=str(tmp_path)), "cmd")
+    assert not list(tmp_path.iterdir())
+    scenarios.write_photos(str(tmp_path / "mine"), TINY_PHOTOS, seed=0)  # 9 images
+    with pytest.raises(UserError, match="--image_dir=.* has 9 usable images.*need 11"):
+        run(dataclasses.replace(TINY_SETTINGS, image_dir=str(tmp_path / "mine"), images=None,
+                                epoch_images=5, out=str(tmp_path / "out")), "cmd")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_prints_ratios_a_reader_can_check(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.bench", "--backbone=wide_resnet", "--image_size=16",
+         "--batch_size=4", "--images=20", "--epoch_images=4", "--train_steps=2",
+         "--scenarios=flowers", f"--out={tmp_path}"],
+        capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
 
-    for section, keys in REQUIRED.items():
-        for key in keys:
-            value = report[section][key]
-            assert isinstance(value, (int, float)), (section, key)
-            assert math.isfinite(value) and value > 0, (section, key)
-    # uint8 against float32 of the same images: a quarter, plus the labels.
-    assert 0.25 <= report["input"]["cache_memory_ratio"] < 0.3
-    assert report["input"]["images"] == 20
+    lines = result.stdout.splitlines()
+    rows = [(RATIO_ROW.match(line), lines[i + 1]) for i, line in enumerate(lines[:-1])
+            if RATIO_ROW.match(line)]
+    assert [row[1] for row, _ in rows] == [
+        "first epoch (images/s)", "later epochs (images/s; trainer cached)",
+        "cache memory (MB; float32 vs the trainer's)", "throughput (images/s)",
+        "peak RSS (MB; a fresh process each)"]
+    for row, below in rows:
+        reference, trainer, ratio = float(row[2]), float(row[3]), float(row[4])
+        # Five significant digits per figure, two decimals per ratio.
+        assert abs(trainer / reference - ratio) <= 0.005 + 2e-4 * ratio, row[0]
+        totals = TOTALS.search(below)
+        if totals:  # images/s figures: all images over all seconds of the runs
+            assert int(totals[1]) / float(totals[2]) == pytest.approx(reference, rel=2e-3)
+            assert int(totals[3]) / float(totals[4]) == pytest.approx(trainer, rel=2e-3)
+    assert sum(bool(TOTALS.search(below)) for _, below in rows) == 3
+
+    flowers = report["scenarios"]["flowers"]["input"]
+    for key in ("first_epoch", "later_epoch"):
+        figures = flowers[key]
+        assert figures["trainer_images_per_sec"] == pytest.approx(
+            figures["trainer_images"] / figures["trainer_seconds"])
+        assert figures["ratio"] == pytest.approx(
+            figures["trainer_images_per_sec"] / figures["reference_images_per_sec"])
+    assert flowers["train_images"] == 20
     assert [row["train_images"] for row in report["epochs"]["sizes"]] == [4, 8]
-    trainer = report["train"]["trainer"]
+    throughput = report["train"]["throughput"]
+    assert math.isfinite(throughput["ratio"]) and len(throughput["trainer_runs_images_per_sec"]) == 2
+    # Not the recipe's backbone: the reference is the trainer's own network at its settings.
+    assert "overhead" not in report["train"] and "wide_resnet network" in report["reference"]
+    trainer = report["trainer"]
     assert trainer["precision"] in ("float32", "mixed_bfloat16", "mixed_float16")
-    assert trainer["precision_reason"] and trainer["strategy"] and trainer["replicas"] >= 1
-    hardware = report["hardware"]
-    assert hardware["tensorflow"] and hardware["cpu_count"] >= 1
-    assert isinstance(hardware["gpus"], list)
-    assert set(report["targets"]) == {
-        "input.first_epoch_ratio", "input.cached_epoch_ratio", "input.cache_memory_ratio",
-        "train.throughput_ratio", "train.overhead_ratio"}
-    assert all(isinstance(check["met"], bool) for check in report["targets"].values())
-    assert "Training, reference settings (overhead)" in result.stdout
-    assert "python -m trainer.bench --backbone=wide_resnet" in result.stdout
-
-
-def test_too_few_images_for_the_epoch_sizes_names_the_flag(tmp_path):
-    result = run_bench(["--images=8", "--epoch_images=4", f"--out={tmp_path}"])
-    assert result.returncode == 2
-    assert "--images=8" in result.stderr and "--epoch_images" in result.stderr
-    assert not (tmp_path / "bench.json").exists()
+    assert trainer["steps_per_execution"] == 1 and trainer["steps_per_execution_reason"]
+    assert set(report["targets"]) == {"flowers.first_epoch", "flowers.later_epoch",
+                                      "flowers.cache_memory"}
+    assert report["memory"]["trainer_peak_rss_bytes"] > 0

@@ -138,3 +138,16 @@ def test_mirrored_over_two_cpus_splits_the_global_batch():
     copies = strategy.experimental_local_results(kernel)
     assert len(copies) == 2 and np.array_equal(copies[0].numpy(), copies[1].numpy())
     assert np.any(copies[0].numpy())
+
+
+def test_steps_per_execution_fills_a_tpu_and_stays_one_elsewhere(monkeypatch):
+    class FakeTPUStrategy:
+        """Stands in for TPUStrategy, which needs a TPU to construct."""
+
+    monkeypatch.setattr(tf.distribute, "TPUStrategy", FakeTPUStrategy)
+    tpu, cpu = FakeTPUStrategy(), tf.distribute.get_strategy()
+    assert distribute.choose_steps_per_execution(TrainConfig(), tpu, 100)[0] == 32
+    assert distribute.choose_steps_per_execution(TrainConfig(), tpu, 7)[0] == 7
+    assert distribute.choose_steps_per_execution(TrainConfig(), cpu, 100)[0] == 1
+    assert distribute.choose_steps_per_execution(TrainConfig(steps_per_execution=4), tpu, 100) == (
+        4, "set by --steps_per_execution")

@@ -11,6 +11,7 @@ kubeconfig that points at 127.0.0.1, so no test can reach a real cluster.
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ ENTRYPOINT = REPO / "scripts" / "k8s_entrypoint.sh"
 SUBMIT = REPO / "scripts" / "submit.sh"
 JOB_NAME = "bit-finetune"  # the base Job's name, before submit.sh renames it
 IMAGE_UID = 10001  # the Dockerfile's user; the pods must run as it
+DOCKERFILES = ("Dockerfile", "Dockerfile.tpu")  # NVIDIA GPUs (and CPUs); TPU VMs
 
 # The oldest Kubernetes the manifests support (podFailurePolicy is GA in 1.31)
 # and the newest that kubernetes-validate knows.
@@ -296,7 +298,8 @@ def checkov_executable():
 def test_checkov_finds_nothing_and_every_skip_has_a_reason(rendered, tmp_path):
     for overlay, (text, _) in rendered.items():
         (tmp_path / f"{overlay}.yaml").write_text(text)
-    shutil.copy(REPO / "Dockerfile", tmp_path / "Dockerfile")
+    for dockerfile in DOCKERFILES:
+        shutil.copy(REPO / dockerfile, tmp_path / dockerfile)
     result = subprocess.run(
         # --skip-download and the update-check switch keep checkov offline.
         [checkov_executable(), "--directory", str(tmp_path), "--framework", "kubernetes",
@@ -328,7 +331,7 @@ def test_checkov_finds_nothing_and_every_skip_has_a_reason(rendered, tmp_path):
 
 def test_skips_are_written_where_a_reader_sees_them():
     """Each skip annotation or comment is in a source file, next to a comment saying why."""
-    for path in [*REPO.glob("k8s/**/*.yaml"), REPO / "Dockerfile"]:
+    for path in [*REPO.glob("k8s/**/*.yaml"), *(REPO / name for name in DOCKERFILES)]:
         lines = path.read_text().splitlines()
         for number, line in enumerate(lines):
             if re.search(r"checkov(\.io/skip\d+:|:skip=)", line):
@@ -336,39 +339,65 @@ def test_skips_are_written_where_a_reader_sees_them():
                 assert above, f"{path}:{number + 1}: a skipped check without a comment above"
 
 
-# The image.
+# The images.
 
-def dockerfile_instructions():
-    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+def dockerfile_instructions(name):
+    text = (REPO / name).read_text().replace("\\\n", " ")
     return [line.strip() for line in text.splitlines()
             if line.strip() and not line.lstrip().startswith("#")]
 
 
-def readme_install_command():
-    """The first `pip install` command in a fenced code block of README.md
-    (a line may chain more commands with &&)."""
+def readme_commands():
+    """Every command line in a fenced code block of README.md, without its comment."""
     readme = REPO / "README.md"
-    assert readme.exists(), "README.md is missing: it gives the install command the image uses"
-    fenced = False
+    assert readme.exists(), "README.md is missing: it gives the install commands the images use"
+    fenced, commands = False, []
     for line in readme.read_text().splitlines():
         if line.lstrip().startswith("```"):
             fenced = not fenced
         elif fenced:
-            for command in re.split(r"&&|;", line.split(" #")[0]):
-                command = re.sub(r"^\$\s+", "", command.strip())
-                if command.startswith("pip install"):
-                    return command
-    pytest.fail("README.md has no `pip install` line in a fenced code block")
+            commands.append(re.sub(r"^\$\s+", "", line.split(" #")[0].strip()))
+    return commands
 
 
-def test_dockerfile_installs_the_package_as_the_readme_says():
-    installs = [line for line in dockerfile_instructions()
+def pip_installs(command):
+    """The arguments of each `pip install` in a command line (which may chain with &&)."""
+    return [shlex.split(part)[2:] for part in command.split("&&")
+            if shlex.split(part)[:2] == ["pip", "install"]]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_images_install_the_trainer_as_the_readme_says_without_the_test_tools(dockerfile):
+    installs = [line for line in dockerfile_instructions(dockerfile)
                 if line.startswith("RUN") and "pip install" in line]
-    assert installs == ["RUN " + readme_install_command()]
+    assert len(installs) == 1, installs
+    command = installs[0][len("RUN "):]
+    assert command in readme_commands(), f"{dockerfile}'s install is not a README command"
+    packages = [arg for args in pip_installs(command) for arg in args
+                if arg == "." or arg.startswith(".[")]
+    assert packages, f"{dockerfile} does not install the package itself"
+    for package in packages:
+        extras = set(package[2:-1].split(",")) if package.startswith(".[") else set()
+        assert extras <= {"tpu"}, f"{dockerfile} installs {package}: only what the trainer needs"
 
 
-def test_dockerfile_runs_the_entry_script_as_the_pods_user():
-    instructions = dockerfile_instructions()
+def test_the_tpu_image_puts_the_tpu_build_the_extra_pins_over_tensorflow():
+    """tf-keras needs the `tensorflow` distribution too; both provide the `tensorflow`
+    module, so the TPU build is installed again, last, at the version the extra pins."""
+    [extra] = re.findall(r'"tpu": \[([^\]]*)\]', (REPO / "setup.py").read_text())
+    pins = dict(re.findall(r'"([\w-]+)==([\w.]+)"', extra))
+    assert {"tensorflow", "tensorflow-tpu", "libtpu"} <= set(pins)
+    assert pins["tensorflow"] == pins["tensorflow-tpu"]
+    [install] = [line for line in dockerfile_instructions("Dockerfile.tpu")
+                 if line.startswith("RUN") and "pip install" in line]
+    first, last = pip_installs(install[len("RUN "):])
+    assert first == [".[tpu]"]
+    assert last == ["--no-deps", "--force-reinstall", f"tensorflow-tpu=={pins['tensorflow-tpu']}"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_images_run_the_entry_script_as_the_pods_user(dockerfile):
+    instructions = dockerfile_instructions(dockerfile)
     assert f"USER {IMAGE_UID}:{IMAGE_UID}" in instructions
     assert "WORKDIR /app" in instructions
     [entrypoint] = [line for line in instructions if line.startswith("ENTRYPOINT")]

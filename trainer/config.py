@@ -93,7 +93,7 @@ class TrainConfig:
     strategy: str = "auto"
     tpu: str | None = None  # TPU name or "local" on a TPU VM
     collective_timeout_sec: int = 600  # multi-worker: a silent peer ends the run after this
-    steps_per_execution: int = 1  # train steps per tf.function call
+    steps_per_execution: int | None = None  # train steps per compiled call; None: by hardware
     jit_compile: str = "auto"  # "auto" turns XLA on for GPUs only
     export: bool = True  # write the serving SavedModel at the end
     export_backbone: bool = False  # also write the backbone in TF Hub format
@@ -342,7 +342,7 @@ def check(config: Config) -> None:
     _check_schedule(data, train)
     _require(train.collective_timeout_sec >= 1,
              f"--collective_timeout_sec must be at least 1, got {train.collective_timeout_sec}.")
-    _require(train.steps_per_execution >= 1,
+    _require(train.steps_per_execution is None or train.steps_per_execution >= 1,
              f"--steps_per_execution must be at least 1, got {train.steps_per_execution}.")
     _require(0.0 <= model.dropout_rate < 1.0,
              f"--dropout_rate must be in [0, 1), got {model.dropout_rate}.")

@@ -227,3 +227,24 @@ def choose_jit_compile(config: TrainConfig, strategy: tf.distribute.Strategy,
 def set_precision(policy: str) -> None:
     """Sets the global Keras mixed-precision policy (before the model is built)."""
     keras.mixed_precision.set_global_policy(policy)
+
+
+TPU_STEPS_PER_EXECUTION = 32  # training steps per compiled call on TPUs (at most an epoch's)
+
+
+def choose_steps_per_execution(config: TrainConfig, strategy: tf.distribute.Strategy,
+                               steps_per_epoch: int) -> tuple[int, str]:
+    """Returns (training steps per compiled call, reason) for this hardware.
+
+    Args:
+      config: `steps_per_execution` None chooses by hardware, a number is kept.
+      strategy: the run's strategy.
+      steps_per_epoch: training steps per epoch; a call never spans more.
+    """
+    if config.steps_per_execution is not None:
+        return config.steps_per_execution, "set by --steps_per_execution"
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        steps = min(TPU_STEPS_PER_EXECUTION, steps_per_epoch)
+        return steps, (f"a TPU waits for its host between calls; {TPU_STEPS_PER_EXECUTION} steps "
+                       "per call, or an epoch's if fewer")
+    return 1, "CPUs and GPUs gain little from more; one step per call keeps per-step callbacks exact"

@@ -103,7 +103,9 @@ flags.DEFINE_string("strategy", _D.train.strategy, ", ".join(config_lib.STRATEGI
 flags.DEFINE_string("tpu", None, "TPU name, or local on a TPU VM.")
 flags.DEFINE_integer("collective_timeout_sec", _D.train.collective_timeout_sec,
                      "Multi-worker: seconds a collective may wait for a silent peer.")
-flags.DEFINE_integer("steps_per_execution", _D.train.steps_per_execution, "Passed to compile.")
+flags.DEFINE_integer("steps_per_execution", _D.train.steps_per_execution,
+                     "Training steps per compiled call. Default: min(32, steps per epoch) on "
+                     "TPUs, 1 elsewhere.")
 flags.DEFINE_string("jit_compile", _D.train.jit_compile, "auto (XLA on GPUs only), true or false.")
 flags.DEFINE_bool("export", _D.train.export, "Write the serving SavedModel at the end.")
 flags.DEFINE_bool("export_backbone", _D.train.export_backbone,

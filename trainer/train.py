@@ -131,24 +131,101 @@ def weights_fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()[:16]
 
 
+def per_replica_batch_size(global_batch_size: int, strategy: tf.distribute.Strategy) -> int:
+    """Returns the batch each replica computes: the global batch split evenly.
+
+    Raises:
+      UserError: the global batch does not divide over the replicas; names --batch_size.
+    """
+    replicas = strategy.num_replicas_in_sync
+    if global_batch_size % replicas:
+        raise UserError(f"--batch_size={global_batch_size} must divide evenly over the "
+                        f"{replicas} replicas; use a multiple of {replicas}.")
+    return global_batch_size // replicas
+
+
+def distributed_dataset(source: data.DataSource, split: str, strategy: tf.distribute.Strategy,
+                        global_batch_size: int) -> tf.distribute.DistributedDataset:
+    """Returns the input of `split` as fit reads it: one pipeline per worker, each told its
+    shard by the strategy, batched per replica."""
+    batch_size = per_replica_batch_size(global_batch_size, strategy)
+    return strategy.distribute_datasets_from_function(
+        lambda ctx: source.dataset(split, batch_size, ctx))
+
+
+@dataclasses.dataclass(frozen=True)
+class Compute:
+    """How the model computes on this hardware, each choice with its reason."""
+
+    precision: str  # Keras mixed-precision policy
+    precision_reason: str
+    backbone_follows_policy: bool  # False: a TF Hub SavedModel keeps its float32
+    jit_compile: bool  # XLA
+    jit_compile_reason: str
+    steps_per_execution: int  # training steps per compiled call
+    steps_per_execution_reason: str
+
+    @property
+    def computes_in(self) -> dict[str, Any]:
+        """What backbone and head compute in, and loss scaling: the words of the log,
+        summary.json, the HParams and compare's report."""
+        return distribute.describe_precision(self.precision, self.backbone_follows_policy)
+
+
+def choose_compute(config: Config, strategy: tf.distribute.Strategy,
+                   steps_per_epoch: int) -> Compute:
+    """Resolves precision, XLA and steps per execution (`auto` and unset: by hardware)."""
+    # TF Hub SavedModels keep their saved dtypes: no mixed policy reaches inside.
+    saved_model = config.model.backbone in config_lib.HUB_BACKBONES
+    precision, precision_reason = distribute.choose_precision(
+        config.train, strategy, backbone_follows_policy=not saved_model)
+    jit_compile, jit_compile_reason = distribute.choose_jit_compile(
+        config.train, strategy, trainable_saved_model=saved_model and config.model.trainable)
+    steps, steps_reason = distribute.choose_steps_per_execution(config.train, strategy,
+                                                                steps_per_epoch)
+    return Compute(precision, precision_reason, not saved_model, jit_compile,
+                   jit_compile_reason, steps, steps_reason)
+
+
+def prepare_data(config: Config, cache_dir: str | None = None, input_pipelines: int = 1,
+                 ) -> tuple[Config, data.DataSource, int, schedules.HyperRuleSchedule | None]:
+    """Creates the run's data source and makes the choices that depend on the data.
+
+    Args:
+      config: the run's configuration.
+      cache_dir: the run's directory for file caches (see DataSource.with_cache).
+      input_pipelines: workers reading the data.
+
+    Returns:
+      (config with the data's choices filled in, data source with its cache
+      decided, steps per epoch, learning-rate schedule or None for the constant rate).
+    """
+    source = data.create_data_source(config.data, config.seed)
+    config = choose_from_data(config, source)
+    source = dataclasses.replace(source, config=config.data).with_cache(cache_dir, input_pipelines)
+    steps_per_epoch, schedule = create_schedule(config, source.sizes["train"])
+    return config, source, steps_per_epoch, schedule
+
+
 def create_compiled_model(
-    config: Config, strategy: tf.distribute.Strategy, num_classes: int, jit_compile: bool,
+    config: Config, strategy: tf.distribute.Strategy, num_classes: int, compute: Compute,
     learning_rate: keras.optimizers.schedules.LearningRateSchedule | None = None,
 ) -> keras.Model:
-    """Builds the model, optimizer and metrics inside the strategy's scope and compiles them
-    (under the global precision policy already set).
+    """Sets the precision policy of `compute`, then builds the model, optimizer and metrics
+    inside the strategy's scope and compiles them with its XLA and steps per execution.
 
     With MixUp the labels are one-hot or soft, and the loss takes them as such;
     without, the integer labels go to the sparse loss as they come.
     """
     loss = ("categorical_crossentropy" if config.data.mixup_alpha
             else "sparse_categorical_crossentropy")
+    distribute.set_precision(compute.precision)
     with strategy.scope():
         model = models.create_model(config.model, num_classes, config.data.image_size)
         model.compile(optimizer=create_optimizer(config.train, learning_rate),
                       loss=loss, metrics=["accuracy"],
-                      steps_per_execution=config.train.steps_per_execution,
-                      jit_compile=jit_compile)
+                      steps_per_execution=compute.steps_per_execution,
+                      jit_compile=compute.jit_compile)
     return model
 
 
@@ -206,43 +283,31 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
 
     replicas = strategy.num_replicas_in_sync
     global_batch_size = config.data.global_batch_size
-    if global_batch_size % replicas:
-        raise UserError(f"--batch_size={global_batch_size} must divide evenly over the "
-                        f"{replicas} replicas; use a multiple of {replicas}.")
-    per_replica_batch_size = global_batch_size // replicas
+    per_replica_batch = per_replica_batch_size(global_batch_size, strategy)
     strategy_name = type(strategy).__name__.lstrip("_")
-    # TF Hub SavedModels keep their saved dtypes: no mixed policy reaches inside.
-    saved_model = config.model.backbone in config_lib.HUB_BACKBONES
-    precision, why = distribute.choose_precision(config.train, strategy,
-                                                 backbone_follows_policy=not saved_model)
-    computes_in = distribute.describe_precision(precision, backbone_follows_policy=not saved_model)
-    jit_compile, jit_why = distribute.choose_jit_compile(
-        config.train, strategy, trainable_saved_model=saved_model and config.model.trainable)
-    logging.info("Strategy %s with %d replicas (batch %d each). Precision %s: %s. "
-                 "jit_compile %s: %s.", strategy_name, replicas, per_replica_batch_size,
-                 distribute.precision_words(computes_in), why, jit_compile, jit_why)
-    distribute.set_precision(precision)
     keras.utils.set_random_seed(config.seed)
 
     models.check_backbone_source(config.model)  # before a long data download
-    source = data.create_data_source(config.data, config.seed)
-    config = choose_from_data(config, source)
-    source = dataclasses.replace(source, config=config.data).with_cache(
-        cache_dir=os.path.join(workdir, data.WORKDIR_CACHE),
+    config, source, steps_per_epoch, schedule = prepare_data(
+        config, cache_dir=os.path.join(workdir, data.WORKDIR_CACHE),
         input_pipelines=distribute.num_workers(strategy))
     num_train = source.sizes["train"]
-    steps_per_epoch, schedule = create_schedule(config, num_train)
     logging.info("Data: %d classes, %d training and %d validation examples, %d steps per epoch.",
                  source.num_classes, num_train, source.sizes["val"], steps_per_epoch)
-    train_ds, val_ds = (
-        strategy.distribute_datasets_from_function(
-            lambda ctx, split=split: source.dataset(split, per_replica_batch_size, ctx))
-        for split in ("train", "val"))
+    compute = choose_compute(config, strategy, steps_per_epoch)
+    logging.info("Strategy %s with %d replicas (batch %d each). Precision %s: %s. "
+                 "jit_compile %s: %s. %d steps per execution: %s.", strategy_name, replicas,
+                 per_replica_batch, distribute.precision_words(compute.computes_in),
+                 compute.precision_reason, compute.jit_compile, compute.jit_compile_reason,
+                 compute.steps_per_execution, compute.steps_per_execution_reason)
+    train_ds, val_ds = (distributed_dataset(source, split, strategy, global_batch_size)
+                        for split in ("train", "val"))
 
-    model = create_compiled_model(config, strategy, source.num_classes, jit_compile, schedule)
+    model = create_compiled_model(config, strategy, source.num_classes, compute, schedule)
     if chief:
         # What the run computes in and compiles with, not what was asked for ("auto").
-        hparams = {**config_lib.flatten(config), "precision": precision, "jit_compile": jit_compile}
+        hparams = {**config_lib.flatten(config), "precision": compute.precision,
+                   "jit_compile": compute.jit_compile}
         callbacks_lib.write_run_summaries(workdir, hparams, source.preview(PREVIEW_IMAGES))
 
     started = time.time()
@@ -260,7 +325,7 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
         # its batches.
         local_replicas = replicas // distribute.num_workers(strategy)
         validation_steps = math.ceil(
-            math.ceil(source.sizes["val"] / per_replica_batch_size) / local_replicas)
+            math.ceil(source.sizes["val"] / per_replica_batch) / local_replicas)
     history = workdir_lib.read_history(os.path.join(workdir, workdir_lib.HISTORY_FILE))
     if workdir_lib.early_stopping_done(history, config.train.early_stopping_patience):
         # Killed after early stopping ended it (while exporting): resuming would train on.
@@ -297,8 +362,8 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
             return {}
         history = workdir_lib.read_history(os.path.join(workdir, workdir_lib.HISTORY_FILE))
         summary = summarize(
-            history, float(final_val_accuracy), num_replicas=replicas, **computes_in,
-            strategy=strategy_name, jit_compile=jit_compile,
+            history, float(final_val_accuracy), num_replicas=replicas, **compute.computes_in,
+            strategy=strategy_name, jit_compile=compute.jit_compile,
             global_batch_size=global_batch_size, num_classes=source.num_classes,
             train_examples=num_train, val_examples=source.sizes["val"],
             steps_per_epoch=steps_per_epoch, optimizer_steps=optimizer_steps,
