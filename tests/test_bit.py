@@ -323,9 +323,12 @@ def test_exported_backbone_starts_the_next_run(one_unit_bit, tmp_path, capsys, i
     code, _, err = run_main(["--backbone=bit", "--bit_variant=s-r50x1", "--bit_weights=none",
                              "--dataset=synthetic", "--synthetic_examples=32", f"--image_size={SIZE}",
                              "--batch_size=8", "--epochs=1", "--precision=float32",
-                             "--jit_compile=false", "--noexport", "--export_backbone",
-                             f"--workdir={first}"], capsys)
+                             "--jit_compile=false", "--export_backbone", f"--workdir={first}"],
+                            capsys)
     assert code == 0, err
+    serve = tf.saved_model.load(str(first / export.EXPORT_DIR)).signatures["serving_default"]
+    (probabilities,) = serve(image=tf.constant(images)).values()
+    np.testing.assert_allclose(probabilities.numpy().sum(axis=1), 1.0, rtol=1e-5)
     exported = first / export.BACKBONE_EXPORT_DIR
     features = tf.saved_model.load(str(exported))(tf.constant(images / 255.0, tf.float32))
     assert features.shape == (3, 4 * ONE_UNIT.root_width) and features.dtype == tf.float32
