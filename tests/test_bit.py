@@ -250,17 +250,21 @@ def test_default_is_the_official_file_downloaded_once_into_the_keras_cache(one_u
         ("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # a fresh Keras cache
+    monkeypatch.delenv("KERAS_HOME", raising=False)
     # The official address, with the host replaced by the local server.
     monkeypatch.setattr(bit, "WEIGHTS_URL", f"http://127.0.0.1:{server.server_port}/{{name}}.npz")
     try:
         config = tiny_config(None)
         model = models.create_model(config, 3, SIZE)
         models.check_backbone_source(config)  # a second run finds the file in the cache
+        monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+        models.check_backbone_source(config)  # $KERAS_HOME has a cache of its own
     finally:
         server.shutdown()
         server.server_close()
-    assert requests == ["/BiT-S-R50x1.npz"]
+    assert requests == ["/BiT-S-R50x1.npz"] * 2
     assert (tmp_path / "home" / ".keras" / "models" / "BiT-S-R50x1.npz").is_file()
+    assert (tmp_path / "keras_home" / "models" / "BiT-S-R50x1.npz").is_file()
     key = "resnet/root_block/standardized_conv2d/kernel"
     np.testing.assert_array_equal(bit.npz_variables(model.get_layer("backbone"))[key].numpy(),
                                   arrays[key])

@@ -33,7 +33,7 @@ from trainer.backbones import Backbone
 from trainer.config import ModelConfig, UserError
 
 WEIGHTS_URL = "https://storage.googleapis.com/bit_models/{name}.npz"
-WEIGHTS_CACHE_SUBDIR = "models"  # under ~/.keras, beside Keras' own application weights
+WEIGHTS_CACHE_SUBDIR = "models"  # in the Keras cache, beside Keras' own application weights
 NPZ_PREFIX = "resnet/"  # every array of an official file is under it
 # The pretrained classifier (1000 or 21843 classes): present in the files, dropped here.
 HEAD_KEYS = ("resnet/head/conv2d/kernel", "resnet/head/conv2d/bias")
@@ -334,7 +334,8 @@ def check_npz(path: str, source: str, variant: str) -> None:
 
 
 def weights_path(config: ModelConfig) -> str:
-    """The local .npz file of --bit_weights, downloaded once into the Keras cache if a URL.
+    """The local .npz file of --bit_weights, downloaded once into the Keras cache
+    ($KERAS_HOME or ~/.keras, under models/) if a URL.
 
     Raises:
       UserError: a local path is not a file, or the download failed (offline).
@@ -346,9 +347,11 @@ def weights_path(config: ModelConfig) -> str:
                             "a BiT .npz file, or none for random initialisation.")
         return source
     file_name = os.path.basename(urlsplit(source).path) or "bit_weights.npz"
-    cache_dir = os.path.join(os.path.expanduser("~"), ".keras")
+    # $KERAS_HOME as Keras' own config uses it (the Kubernetes Jobs point it at
+    # the data volume); tf_keras' get_file itself only knows ~/.keras.
+    cache_dir = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
     try:
-        # get_file falls back to /tmp/.keras, which the OS empties, when ~/.keras is missing.
+        # get_file falls back to /tmp/.keras, which the OS empties, when the directory is missing.
         os.makedirs(cache_dir, exist_ok=True)
     except OSError:
         pass  # a read-only home: /tmp/.keras it is
