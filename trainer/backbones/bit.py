@@ -42,7 +42,7 @@ GROUP_NORM_EPSILON = 1e-5  # added to each group's variance
 STANDARDIZATION_EPSILON = 1e-10  # added to each filter's variance; float32 only (0 in float16)
 BLOCK_STRIDES = (1, 2, 2, 2)  # spatial stride of each block's first unit
 ROOT_CHANNELS = 64  # root convolution channels at width factor 1
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the first 8 bytes of every .h5 file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,8 +305,10 @@ def read_npz_shapes(path: str, source: str, variant: str) -> dict[str, tuple[int
                     raise ValueError(f"{info.filename} holds {dtype}, not floating-point numbers")
                 shapes[info.filename[:-len(".npy")]] = tuple(shape)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise _weights_error(source, f"not an .npz file of arrays ({e}; a partial download "
-                             f"would do this: delete {path} and retry)", arch, variant) from None
+        partial = f"; an interrupted download does this: delete {path} and retry" if (
+            "://" in source) else ""
+        raise _weights_error(source, f"not an .npz file of arrays ({e}{partial})", arch,
+                             variant) from None
     return shapes
 
 
@@ -366,16 +368,25 @@ def weights_path(config: ModelConfig) -> str:
             "--bit_weights=none for random initialisation).") from None
 
 
-def check_source(config: ModelConfig) -> None:
-    """Resolves --bit_weights (downloading the file once) and checks it against --bit_variant.
+def checked_weights_path(config: ModelConfig) -> str:
+    """The local .npz file of --bit_weights (downloaded once), checked against --bit_variant.
 
     Raises:
       UserError: naming --bit_weights; see `weights_path` and `check_npz`.
     """
-    if config.bit_weights == "none":
-        return
-    check_npz(weights_path(config), config.bit_weights or official_url(config.bit_variant),
-              config.bit_variant)
+    path = weights_path(config)
+    check_npz(path, config.bit_weights or official_url(config.bit_variant), config.bit_variant)
+    return path
+
+
+def check_source(config: ModelConfig) -> None:
+    """Fails fast, before any data is read, on --bit_weights that cannot be loaded.
+
+    Raises:
+      UserError: naming --bit_weights; see `checked_weights_path`.
+    """
+    if config.bit_weights != "none":
+        checked_weights_path(config)
 
 
 def load_weights(network: keras.Model, path: str) -> None:
@@ -386,12 +397,11 @@ def load_weights(network: keras.Model, path: str) -> None:
 
 
 def build(config: ModelConfig, image_size: int) -> Backbone:
-    """The BiT of --bit_variant with the weights of --bit_weights (checked by `check_source`)."""
+    """The BiT of --bit_variant with the weights of --bit_weights (checked before loading)."""
     arch = architecture(config.bit_variant)
     network = build_network(arch.units_per_block, arch.root_width, image_size)
     if config.bit_weights != "none":
-        check_source(config)
-        load_weights(network, weights_path(config))
+        load_weights(network, checked_weights_path(config))
     preprocess = keras.layers.Rescaling(1 / 127.5, offset=-1.0, dtype="float32",
                                         name="preprocess")
     return Backbone(preprocess, network, has_batch_norm=False, mixed_precision=True)
