@@ -123,10 +123,13 @@ def test_local_paths_are_normalised_so_two_spellings_of_a_run_are_one(tmp_path, 
     assert resolved(backbone="resnet50", weights="w.h5").model.weights == str(tmp_path / "w.h5")
     assert resolved(backbone="bit", bit_weights="r50.npz").model.bit_weights == str(tmp_path / "r50.npz")
     # URLs and keywords are not paths.
-    url = resolved(backbone="bit", hub_handle="https://tfhub.dev/google/bit/s-r50x1/1",
-                   bit_weights="none", data_dir="gs://bucket/tfds")
-    assert url.model.hub_handle == "https://tfhub.dev/google/bit/s-r50x1/1"
-    assert (url.model.bit_weights, url.data.data_dir) == ("none", "gs://bucket/tfds")
+    url = resolved(backbone="hub", hub_handle="https://tfhub.dev/google/bit/s-r50x1/1",
+                   data_dir="gs://bucket/tfds")
+    assert (url.model.hub_handle, url.data.data_dir) == ("https://tfhub.dev/google/bit/s-r50x1/1",
+                                                         "gs://bucket/tfds")
+    remote = "https://storage.googleapis.com/bit_models/BiT-M-R50x1.npz"
+    assert resolved(backbone="bit", bit_weights=remote).model.bit_weights == remote
+    assert resolved(backbone="bit", bit_weights="none").model.bit_weights == "none"
     assert resolved(backbone="resnet50").model.weights == "imagenet"
 
 

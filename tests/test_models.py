@@ -7,7 +7,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from trainer import distribute, models
-from trainer.backbones import hub, resnet50
+from trainer.backbones import bit, hub, resnet50
 from trainer.config import ModelConfig, UserError
 
 SIZE = 32
@@ -87,9 +87,13 @@ def test_hub_handle_errors_name_the_flag(tmp_path, tiny_hub_model):
 
 
 def test_default_hub_handles():
-    assert hub.handle(ModelConfig(backbone="bit")) == "https://tfhub.dev/google/bit/s-r50x3/1"
-    assert hub.handle(ModelConfig(backbone="bit", bit_variant="m-r50x1")).endswith("bit/m-r50x1/1")
-    assert "resnet_v1_50/feature_vector/5" in hub.handle(ModelConfig(backbone="resnet50_hub"))
+    assert hub.handle(ModelConfig(backbone="resnet50_hub")) == (
+        "https://tfhub.dev/google/imagenet/resnet_v1_50/feature_vector/5")
+    # Any TF Hub model, BiT included, through --backbone=hub; --backbone=bit is native.
+    bit_hub = "https://tfhub.dev/google/bit/m-r50x1/1"
+    assert hub.handle(ModelConfig(backbone="hub", hub_handle=bit_hub)) == bit_hub
+    assert models.BACKBONES["hub"] is hub and models.BACKBONES["resnet50_hub"] is hub
+    assert models.BACKBONES["bit"] is bit
 
 
 def test_weights_file_of_the_wrong_architecture_is_a_clear_error(tmp_path):

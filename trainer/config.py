@@ -11,10 +11,11 @@ import os
 from typing import Any, Mapping
 
 BACKBONES = ("resnet50", "resnet50_hub", "bit", "hub", "wide_resnet")
-HUB_BACKBONES = ("resnet50_hub", "bit", "hub")  # loaded with hub.KerasLayer
+HUB_BACKBONES = ("resnet50_hub", "hub")  # loaded with hub.KerasLayer
+# BiT-S (ImageNet-1k) and BiT-M (ImageNet-21k) as published; R152x2 only as BiT-M.
 BIT_VARIANTS = (
     "s-r50x1", "s-r50x3", "s-r101x1", "s-r101x3", "s-r152x4",
-    "m-r50x1", "m-r50x3", "m-r101x1", "m-r101x3", "m-r152x4",
+    "m-r50x1", "m-r50x3", "m-r101x1", "m-r101x3", "m-r152x2", "m-r152x4",
 )
 OPTIMIZERS = ("adam", "sgd")
 AUGMENTS = ("none", "flip_crop", "resize_crop")
@@ -64,7 +65,7 @@ class ModelConfig:
     backbone: str = "bit"
     weights: str = "imagenet"  # resnet50 only: "imagenet", "none" or a weights file
     hub_handle: str | None = None  # hub backbones: URL or SavedModel directory
-    bit_variant: str = "s-r50x3"  # the reference's BiT
+    bit_variant: str = "s-r50x3"  # the reference's BiT (BiT-S R50x3)
     bit_weights: str | None = None  # bit: .npz path or URL; None: the official file; "none": random
     trainable: bool | None = None  # None: train random backbones, freeze pretrained
     freeze_batch_norm: bool = True  # pretrained BN backbones keep their statistics
@@ -135,6 +136,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "resnet50_hub_finetune": {
         **_FLOWERS, "backbone": "resnet50_hub", "trainable": True, "learning_rate": 1e-5,
     },
+    # The native BiT (Keras, official .npz weights of BiT-S R50x3, downloaded once;
+    # --bit_weights=PATH offline), which the reference ran as a TF Hub model.
     "bit_transfer": {
         **_FLOWERS, "backbone": "bit", "bit_variant": "s-r50x3", "trainable": False,
         "learning_rate": 1e-4,
@@ -245,6 +248,8 @@ def is_pretrained(model: ModelConfig) -> bool:
     """Whether the backbone starts from pretrained weights."""
     if model.backbone == "resnet50":
         return model.weights != "none"
+    if model.backbone == "bit":
+        return model.bit_weights != "none"
     return model.backbone in HUB_BACKBONES
 
 
@@ -363,6 +368,10 @@ def check(config: Config) -> None:
         _require(model.backbone in HUB_BACKBONES,
                  f"--hub_handle applies to the hub backbones ({', '.join(HUB_BACKBONES)}), "
                  f"not --backbone={model.backbone}.")
+    if model.bit_weights is not None:
+        _require(model.backbone == "bit",
+                 f"--bit_weights applies to --backbone=bit, not --backbone={model.backbone}.")
+        _require(bool(model.bit_weights), "--bit_weights must be an .npz path or URL, or none.")
     if model.backbone == "hub":
         _require(bool(model.hub_handle), "--backbone=hub needs --hub_handle (a TF2 SavedModel "
                  "image feature vector: URL or directory).")
@@ -370,6 +379,7 @@ def check(config: Config) -> None:
              f"--notrainable would freeze a randomly initialised backbone "
              f"(--backbone={model.backbone}"
              + (" --weights=none" if model.backbone == "resnet50" else "")
+             + (" --bit_weights=none" if model.backbone == "bit" else "")
              + "); train it with --trainable or start from pretrained weights.")
     if train.strategy == "tpu":
         _require(bool(train.tpu), "--strategy=tpu needs --tpu (its name, or local on a TPU VM).")

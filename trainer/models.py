@@ -13,14 +13,14 @@ from types import ModuleType
 import tf_keras as keras
 from absl import logging
 
-from trainer.backbones import hub, resnet50, wide_resnet
+from trainer.backbones import bit, hub, resnet50, wide_resnet
 from trainer.config import ModelConfig, UserError, is_pretrained
 
 # Backbone name (--backbone) -> its module (build, optional check_source).
 BACKBONES: dict[str, ModuleType] = {
     "resnet50": resnet50,
     "resnet50_hub": hub,
-    "bit": hub,
+    "bit": bit,
     "hub": hub,
     "wide_resnet": wide_resnet,
 }
@@ -30,7 +30,7 @@ def check_backbone_source(config: ModelConfig) -> None:
     """Fails fast, before any data is read, on weights or a hub handle that cannot be used.
 
     Raises:
-      UserError: names --weights or --hub_handle.
+      UserError: names --weights, --bit_weights or --hub_handle.
     """
     check = getattr(BACKBONES[config.backbone], "check_source", None)
     if check is not None:

@@ -1,4 +1,4 @@
-"""TF Hub image feature vectors (resnet50_hub, bit, any TF2 SavedModel) as hub.KerasLayer."""
+"""TF Hub image feature vectors (resnet50_hub, any TF2 SavedModel: --backbone=hub) as hub.KerasLayer."""
 
 from __future__ import annotations
 
@@ -13,15 +13,12 @@ from trainer.backbones import Backbone
 from trainer.config import ModelConfig, UserError
 
 HUB_RESNET50_HANDLE = "https://tfhub.dev/google/imagenet/resnet_v1_50/feature_vector/5"
-BIT_HANDLE = "https://tfhub.dev/google/bit/{variant}/1"
 
 
 def handle(config: ModelConfig) -> str:
     """The TF Hub handle of a hub backbone: --hub_handle, or the default for it."""
     if config.hub_handle:
         return config.hub_handle
-    if config.backbone == "bit":
-        return BIT_HANDLE.format(variant=config.bit_variant)
     return HUB_RESNET50_HANDLE
 
 
@@ -74,6 +71,5 @@ def build(config: ModelConfig, image_size: int) -> Backbone:
         ) from None
     # Hub image models take float32 RGB in [0, 1].
     preprocess = keras.layers.Rescaling(1 / 255, dtype="float32", name="preprocess")
-    # BiT uses GroupNorm; other hub models may hold BatchNorm layers.
-    return Backbone(preprocess, layer, has_batch_norm=config.backbone != "bit",
-                    mixed_precision=False)
+    # Any hub model may hold BatchNorm layers (GroupNorm ones ignore `training`).
+    return Backbone(preprocess, layer, has_batch_norm=True, mixed_precision=False)
