@@ -104,6 +104,9 @@ def test_every_setting_is_either_compared_on_resume_or_may_change_between_attemp
         assert config_lib.differences(resolved, other) == [f"--{name}"], name
     attempt = config_lib.override(resolved, ATTEMPT_SETTINGS)
     assert config_lib.differences(resolved, attempt) == []
+    # Under BiT-HyperRule --epochs splits the run's fixed steps: another value is another run.
+    rule = config_lib.override(resolved, {"schedule": "bit_hyperrule"})
+    assert config_lib.differences(rule, config_lib.override(rule, {"epochs": 5})) == ["--epochs"]
     changes = config_lib.attempt_changes(resolved, attempt)
     assert len(changes) == len(ATTEMPT_SETTINGS) and "--strategy: auto -> mirrored" in changes
 

@@ -477,18 +477,28 @@ ATTEMPT_SETTINGS = frozenset({
 })
 
 
+def identity_settings(config: Config) -> set[str]:
+    """The fields compared on resume: all but ATTEMPT_SETTINGS. Under bit_hyperrule
+    --epochs is compared too: it splits the run's fixed steps into epochs, so another
+    value would change the steps of the epochs still to run."""
+    fields = set(flatten(config)) - ATTEMPT_SETTINGS
+    return fields | {"epochs"} if config.train.schedule == "bit_hyperrule" else fields
+
+
 def differences(a: Config, b: Config) -> list[str]:
     """Returns the flags of the settings that change results (a run's identity) and differ.
 
     Paths are compared as `resolve` normalised them.
     """
     flat_a, flat_b = flatten(a), flatten(b)
-    return [flag(name) for name in flat_a
-            if name not in ATTEMPT_SETTINGS and flat_a[name] != flat_b[name]]
+    compared = identity_settings(a)
+    return [flag(name) for name in flat_a if name in compared and flat_a[name] != flat_b[name]]
 
 
 def attempt_changes(a: Config, b: Config) -> list[str]:
-    """Returns `--flag: old -> new` for each setting of ATTEMPT_SETTINGS that differs."""
+    """Returns `--flag: old -> new` for each setting that may change between attempts and
+    differs (those `identity_settings` leaves out)."""
     flat_a, flat_b = flatten(a), flatten(b)
+    compared = identity_settings(a)
     return [f"{flag(name)}: {flat_a[name]} -> {flat_b[name]}" for name in flat_a
-            if name in ATTEMPT_SETTINGS and flat_a[name] != flat_b[name]]
+            if name not in compared and flat_a[name] != flat_b[name]]
