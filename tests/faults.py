@@ -53,7 +53,8 @@ def wait_for(process, condition, timeout=300):
         if condition():
             return
         if process.poll() is not None:
-            raise AssertionError(f"exited early ({process.returncode}): {process.stderr.read()[-3000:]}")
+            output = process.stderr or process.stdout  # whichever the caller piped
+            raise AssertionError(f"exited early ({process.returncode}): {output.read()[-3000:]}")
         time.sleep(0.02)
     raise AssertionError("timed out")
 
