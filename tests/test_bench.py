@@ -14,15 +14,18 @@ import sys
 
 import pytest
 
+from trainer import config as config_lib
 from trainer.bench import Settings, run, scenarios, timing, trainer_config
 from trainer.config import UserError
 
 TINY_PHOTOS = scenarios.Scenario("tiny", "tiny photos", train_images=8, width=40, height=30,
                                  image_size=16, first_epoch_target=None)
 TINY_SETTINGS = Settings(
-    backbone="wide_resnet", weights="none", hub_handle=None, bit_variant="s-r50x1",
-    bit_weights=None, image_size=16, batch_size=4, scenarios=("flowers",), images=8,
-    image_dir=None, train_steps=2, round_steps=1, epoch_images=4, seed=0, out="unused")
+    trainer=config_lib.override(config_lib.Config(), {
+        "backbone": "wide_resnet", "weights": "none", "bit_variant": "s-r50x1",
+        "image_size": 16, "batch_size": 4, "seed": 0}),
+    scenarios=("flowers",), images=8, train_steps=2, round_steps=1, epoch_images=4,
+    out="unused")
 # A ratio row: label, reference figure, trainer figure, ratio.
 RATIO_ROW = re.compile(r"^  (\S.*?)\s+([\d.e+-]+)\s+([\d.e+-]+)\s+([\d.]+)x")
 TOTALS = re.compile(r"= (\d+) images in ([\d.e+-]+) s and (\d+) images in ([\d.e+-]+) s")
@@ -78,8 +81,9 @@ def test_bad_settings_name_their_flag_before_anything_is_written(tmp_path):
     assert not list(tmp_path.iterdir())
     scenarios.write_photos(str(tmp_path / "mine"), TINY_PHOTOS, seed=0)  # 9 images
     with pytest.raises(UserError, match="--image_dir=.* has 9 usable images.*need 11"):
-        run(dataclasses.replace(TINY_SETTINGS, image_dir=str(tmp_path / "mine"), images=None,
-                                epoch_images=5, out=str(tmp_path / "out")), "cmd")
+        mine = config_lib.override(TINY_SETTINGS.trainer, {"image_dir": str(tmp_path / "mine")})
+        run(dataclasses.replace(TINY_SETTINGS, trainer=mine, images=None, epoch_images=5,
+                                out=str(tmp_path / "out")), "cmd")
     assert not (tmp_path / "out").exists()
 
 

@@ -13,6 +13,7 @@ import tf_keras as keras
 
 from conftest import run_main
 from trainer import config as config_lib
+from trainer import experiments
 from trainer import export, models, train
 from trainer.backbones import bit
 from trainer.config import ModelConfig, UserError
@@ -338,7 +339,7 @@ def test_exported_backbone_starts_the_next_run(one_unit_bit, tmp_path, capsys, i
     assert features.shape == (3, 4 * ONE_UNIT.root_width) and features.dtype == tf.float32
 
     # The next run starts from it, frozen: a hub backbone in float32.
-    config = config_lib.resolve(config_lib.override(config_lib.preset(None), {
+    config = config_lib.resolve(config_lib.override(experiments.preset(None), {
         "backbone": "hub", "hub_handle": str(exported), "trainable": False, "learning_rate": 1e-2,
         "dataset": "synthetic", "synthetic_examples": 32, "image_size": SIZE, "batch_size": 8,
         "epochs": 1, "precision": "float32", "jit_compile": "false", "export": False,

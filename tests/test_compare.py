@@ -14,6 +14,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from trainer import compare
 from trainer import config as config_lib
+from trainer import experiments
 from trainer import train
 
 TINY = {"synthetic_examples": 64, "image_size": 16, "wrn_width": 1, "batch_size": 16,
@@ -27,7 +28,7 @@ def parent(tmp_path_factory):
     for name, values in (("fast", {"learning_rate": 1e-2, "epochs": 2}),
                          ("slow", {"learning_rate": 1e-4, "epochs": 1})):
         train.train_and_evaluate(config_lib.resolve(config_lib.override(
-            config_lib.preset("smoke"), {**TINY, **values, "workdir": str(root / name)})))
+            experiments.preset("smoke"), {**TINY, **values, "workdir": str(root / name)})))
     # An interrupted run: what a kill after epoch 1 leaves (no summary.json).
     shutil.copytree(root / "fast", root / "killed")
     os.remove(root / "killed" / "summary.json")

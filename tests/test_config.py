@@ -3,32 +3,34 @@
 import pytest
 
 from trainer import config as config_lib
+from trainer import experiments
+from trainer import workdir as workdir_lib
 from trainer.config import UserError
 
 
 def test_presets_carry_the_reference_hyperparameters():
-    finetune = config_lib.resolve(config_lib.preset("bit_finetune"))
+    finetune = config_lib.resolve(experiments.preset("bit_finetune"))
     assert finetune.model.backbone == "bit" and finetune.model.bit_variant == "s-r50x3"
     assert finetune.model.trainable is True
     assert finetune.train.learning_rate == 1e-5
     assert finetune.data.global_batch_size == 16 and finetune.data.image_size == 224
     assert finetune.train.epochs == 20 and finetune.train.early_stopping_patience == 2
-    scratch = config_lib.resolve(config_lib.preset("resnet50_scratch"))
+    scratch = config_lib.resolve(experiments.preset("resnet50_scratch"))
     assert (scratch.model.weights, scratch.model.trainable, scratch.train.learning_rate) == (
         "none", True, 1e-4)
-    transfer = config_lib.resolve(config_lib.preset("resnet50_hub_transfer"))
+    transfer = config_lib.resolve(experiments.preset("resnet50_hub_transfer"))
     assert transfer.model.trainable is False and transfer.train.learning_rate == 1e-3
 
 
 def test_every_preset_resolves_and_names_its_workdir():
-    for name in config_lib.PRESETS:
-        resolved = config_lib.resolve(config_lib.preset(name))
+    for name in experiments.PRESETS:
+        resolved = config_lib.resolve(experiments.preset(name))
         assert resolved.experiment == name
         assert resolved.workdir == f"runs/{name}"
 
 
 def test_explicit_values_override_the_preset():
-    base = config_lib.preset("smoke")
+    base = experiments.preset("smoke")
     changed = config_lib.override(base, {"epochs": 7, "batch_size": 8, "image_size": 16})
     assert changed.train.epochs == 7
     assert changed.data.global_batch_size == 8
@@ -68,11 +70,11 @@ def test_bad_values_name_their_flag(values, flag):
 
 def test_unknown_preset_lists_the_valid_ones():
     with pytest.raises(UserError, match="smoke"):
-        config_lib.preset("nope")
+        experiments.preset("nope")
 
 
 def test_json_round_trip():
-    resolved = config_lib.resolve(config_lib.preset("smoke"))
+    resolved = config_lib.resolve(experiments.preset("smoke"))
     assert config_lib.from_json(config_lib.to_json(resolved)) == resolved
 
 
@@ -98,16 +100,16 @@ ATTEMPT_SETTINGS = {
 def test_every_setting_is_either_compared_on_resume_or_may_change_between_attempts():
     fields = set(config_lib.flatten(config_lib.Config())) - {"global_batch_size"} | {"batch_size"}
     assert set(RESULT_SETTINGS) | set(ATTEMPT_SETTINGS) == fields
-    resolved = config_lib.resolve(config_lib.preset("smoke"))
+    resolved = config_lib.resolve(experiments.preset("smoke"))
     for name, value in RESULT_SETTINGS.items():
         other = config_lib.override(resolved, {name: value})
-        assert config_lib.differences(resolved, other) == [f"--{name}"], name
+        assert workdir_lib.differences(resolved, other) == [f"--{name}"], name
     attempt = config_lib.override(resolved, ATTEMPT_SETTINGS)
-    assert config_lib.differences(resolved, attempt) == []
+    assert workdir_lib.differences(resolved, attempt) == []
     # Under BiT-HyperRule --epochs splits the run's fixed steps: another value is another run.
     rule = config_lib.override(resolved, {"schedule": "bit_hyperrule"})
-    assert config_lib.differences(rule, config_lib.override(rule, {"epochs": 5})) == ["--epochs"]
-    changes = config_lib.attempt_changes(resolved, attempt)
+    assert workdir_lib.differences(rule, config_lib.override(rule, {"epochs": 5})) == ["--epochs"]
+    changes = workdir_lib.attempt_changes(resolved, attempt)
     assert len(changes) == len(ATTEMPT_SETTINGS) and "--strategy: auto -> mirrored" in changes
 
 

@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from trainer import config as config_lib
+from trainer import experiments
 from trainer import data, train
 from trainer.config import DataConfig, UserError
 
@@ -237,7 +238,7 @@ for _ in batches:
 
 @pytest.mark.slow
 def test_a_run_recovers_from_a_cache_write_killed_mid_pass(image_dir, tmp_path):
-    config = config_lib.resolve(config_lib.override(config_lib.preset("smoke"), {
+    config = config_lib.resolve(config_lib.override(experiments.preset("smoke"), {
         "image_dir": image_dir, "image_size": 16, "val_fraction": 0.25, "cache": "file",
         "wrn_width": 1, "batch_size": 7, "epochs": 1, "precision": "float32",
         "jit_compile": "false", "export": False, "workdir": str(tmp_path / "run")}))

@@ -7,6 +7,7 @@ import tensorflow_hub as hub
 import tf_keras as keras
 
 from trainer import config as config_lib
+from trainer import experiments
 from trainer import export, models, train
 from trainer.config import ModelConfig
 
@@ -17,7 +18,7 @@ TINY = {"synthetic_examples": 64, "image_size": 16, "wrn_width": 1, "batch_size"
 
 def tiny_config(workdir, **values):
     return config_lib.resolve(config_lib.override(
-        config_lib.preset("smoke"), {**TINY, "workdir": str(workdir), **values}))
+        experiments.preset("smoke"), {**TINY, "workdir": str(workdir), **values}))
 
 
 def features(path, images):

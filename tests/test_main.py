@@ -67,3 +67,14 @@ def test_real_command_exits_2_without_traceback(tmp_path):
         assert done.returncode == 2, done.stderr[-1000:]
         assert "Traceback" not in done.stderr
         assert "error: " in done.stderr and ("--image_size" in done.stderr or "--batch_size" in done.stderr)
+
+
+def test_every_config_field_is_a_flag_with_the_help_written_in_the_config():
+    from trainer import config as config_lib
+    from trainer import main
+
+    for name, field in config_lib.leaf_fields().items():
+        flag = main.FLAGS[config_lib.flag_name(name)]
+        assert field.metadata["help"] in flag.help, name
+        assert flag.default == field.default, name
+    assert main.FLAGS["batch_size"].help.startswith("GLOBAL batch size")

@@ -24,6 +24,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from trainer import compare, export, predict, train
 from trainer import config as config_lib
+from trainer import experiments
 from trainer import workdir as workdir_lib
 from trainer.callbacks import TrainingError
 from conftest import poison_the_loss
@@ -37,7 +38,7 @@ COMPUTE_DTYPE = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_floa
 
 def tiny_config(workdir, **values):
     return config_lib.resolve(config_lib.override(
-        config_lib.preset("smoke"), {**TINY, "workdir": str(workdir), **values}))
+        experiments.preset("smoke"), {**TINY, "workdir": str(workdir), **values}))
 
 
 def recorded_precision(workdir):

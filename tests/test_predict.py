@@ -13,6 +13,7 @@ import tensorflow as tf
 from PIL import Image
 
 from trainer import config as config_lib
+from trainer import experiments
 from trainer import data, predict, train
 from trainer.config import UserError
 
@@ -39,7 +40,7 @@ def photos(tmp_path_factory):
 def export_dir(photos, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run") / "colours"
     train.train_and_evaluate(config_lib.resolve(config_lib.override(
-        config_lib.preset("smoke"),
+        experiments.preset("smoke"),
         {"image_dir": str(photos), "image_size": 16, "wrn_width": 1, "batch_size": 8,
          "epochs": 1, "workdir": str(workdir)})))
     return str(workdir / "export")

@@ -14,6 +14,7 @@ import tf_keras as keras
 import faults
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
+from trainer import experiments
 from trainer import models, train
 from trainer import workdir as workdir_lib
 from trainer.config import UserError
@@ -21,12 +22,12 @@ from trainer.config import UserError
 # Learns well in epoch 1 (val accuracy about 0.6), so gradient ascent is clearly worse.
 TINY = {"experiment": "smoke", "synthetic_examples": 200, "image_size": 16, "wrn_width": 1,
         "batch_size": 5, "learning_rate": 5e-3, "precision": "float32", "jit_compile": "false"}
-FLAGS = [f"--{config_lib.FLAG_FOR_FIELD.get(k, k)}={v}" for k, v in TINY.items()]
+FLAGS = [f"{config_lib.flag(k)}={v}" for k, v in TINY.items()]
 
 
 def tiny_config(workdir, **values):
     return config_lib.resolve(config_lib.override(
-        config_lib.preset("smoke"), {**TINY, "workdir": str(workdir), **values}))
+        experiments.preset("smoke"), {**TINY, "workdir": str(workdir), **values}))
 
 
 def history(workdir):

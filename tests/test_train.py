@@ -10,6 +10,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import config as config_lib
+from trainer import experiments
 from trainer import train
 from trainer import workdir as workdir_lib
 from trainer.config import UserError
@@ -20,7 +21,7 @@ TINY = {"experiment": "smoke", "synthetic_examples": 120, "image_size": 16, "wrn
 
 def tiny_config(workdir, **values):
     return config_lib.resolve(config_lib.override(
-        config_lib.preset("smoke"), {**TINY, "workdir": str(workdir), **values}))
+        experiments.preset("smoke"), {**TINY, "workdir": str(workdir), **values}))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,10 @@
-"""Run configuration: frozen dataclasses, experiment presets, resolution, checks, JSON.
+"""The run's configuration: frozen dataclasses whose fields carry their flag's help, resolution, checks, JSON.
 
-No TensorFlow here: `--print_config` and the flag checks must not touch devices.
+Each field's help is written once, in its metadata: `trainer.cli` makes the
+command-line flags from it. No TensorFlow here: `--print_config` and the flag
+checks must not touch devices. Named presets live in `trainer.experiments`;
+which settings a resumed run may change, beside the run directory in
+`trainer.workdir`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ BIT_VARIANTS = (
     "s-r50x1", "s-r50x3", "s-r101x1", "s-r101x3", "s-r152x4",
     "m-r50x1", "m-r50x3", "m-r101x1", "m-r101x3", "m-r152x2", "m-r152x4",
 )
+NATIVE_BATCH_NORM_BACKBONES = ("resnet50", "wide_resnet")  # BN layers built here, momentum settable
 OPTIMIZERS = ("adam", "sgd")
 AUGMENTS = ("none", "flip_crop", "resize_crop")
 SCHEDULES = ("constant", "bit_hyperrule")
@@ -24,171 +29,180 @@ MAX_TOTAL_STEPS = 1_000_000  # steps: the schedule holds a rate per step (a 4 MB
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 JIT_COMPILE = ("auto", "true", "false")
-NATIVE_BATCH_NORM_BACKBONES = ("resnet50", "wide_resnet")  # BN layers built here, momentum settable
+CACHES = ("auto", "memory", "file", "none")  # or a directory for the file cache
 # BatchNorm momentum for statistics learned from scratch: PyTorch's default
 # (0.1 in its convention), which the Wide ResNet authors' code trains with. Keras'
 # 0.99 averages over ~100 steps, far behind the weights of a small dataset's run.
 SCRATCH_BATCH_NORM_MOMENTUM = 0.9
 KERAS_BATCH_NORM_MOMENTUM = 0.99  # Keras' default: what pretrained ResNet50 statistics were made with
-CACHES = ("auto", "memory", "file", "none")  # or a directory for the file cache
+SECTIONS = ("data", "model", "train")  # Config's sub-configurations
 
 
 class UserError(Exception):
     """A problem the user fixes by changing a flag or a file; the message names which."""
 
 
+def setting(default: Any, help: str, *, flag: str | None = None,
+            choices: tuple[str, ...] = ()) -> Any:
+    """A config field with its command-line help (and flag name, when it differs).
+
+    Args:
+      default: the field's default.
+      help: the flag's help text, written here only.
+      flag: the flag's name when it is not the field's.
+      choices: the valid values, listed in the help and checked by `check`.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag,
+                                                         "choices": choices})
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "tf_flowers"  # a TFDS name, or "synthetic"
-    data_dir: str | None = None  # TFDS data directory (prepared data works offline)
-    image_dir: str | None = None  # one sub-folder per class; overrides `dataset`
-    val_fraction: float = 0.3  # share of the examples held out for validation
-    # pixels, square: the model's input (the training crop); None: by the
-    # images' area (--schedule=bit_hyperrule: 128 below 96x96, else 480)
-    image_size: int | None = 224
-    # pixels, square: --augment=resize_crop stores training images at this size
-    # and crops image_size from them; None: the rule's ratio (160/128 or 512/480)
-    resize_size: int | None = None
-    global_batch_size: int = 16  # images per step, all replicas together
-    augment: str = "none"  # "none", "flip_crop" or "resize_crop" (random parts after the cache)
-    # MixUp's Beta(alpha, alpha), one mixing weight per batch; 0: off; None: by
-    # the training-set size (--schedule=bit_hyperrule: 0.1 from 20,000 images up)
-    mixup_alpha: float | None = 0.0
-    # "auto": memory when the decoded images fit, else files under the workdir;
-    # "memory", "file" (under the workdir), "none", or a directory for the files.
-    cache: str = "auto"
-    synthetic_examples: int = 1000  # images in the synthetic dataset
+    dataset: str = setting(
+        "tf_flowers", "A TFDS image-classification dataset (its `train` split is split into "
+        "training and validation), or synthetic (generated stripes, offline).")
+    data_dir: str | None = setting(
+        None, "TFDS data directory; a dataset prepared there works offline.")
+    image_dir: str | None = setting(
+        None, "Folder with one sub-folder of images per class (JPEG, PNG, BMP, GIF); "
+        "overrides --dataset.")
+    val_fraction: float = setting(0.3, "Share of the examples held out for validation.")
+    image_size: int | None = setting(
+        224, "Square input size of the model (the training crop), pixels. "
+        "--schedule=bit_hyperrule: default by the images' area, 128 below 96x96, else 480.")
+    resize_size: int | None = setting(
+        None, "--augment=resize_crop: training images are resized to this (pixels) and "
+        "randomly cropped to --image_size. Default: BiT's ratio for the images' area "
+        "(160/128 or 512/480).")
+    global_batch_size: int = setting(
+        16, "GLOBAL batch size: images per step, all replicas together.", flag="batch_size")
+    augment: str = setting(
+        "none", "Random changes to training images, after the cache: none; flip_crop (pad by "
+        "1/8, random crop, flip); resize_crop (random crop of --image_size from --resize_size, "
+        "flip; the default of --schedule=bit_hyperrule).", choices=AUGMENTS)
+    mixup_alpha: float | None = setting(
+        0.0, "MixUp Beta(alpha, alpha), one mixing weight per batch; 0 turns it off. "
+        "--schedule=bit_hyperrule: default 0.1 from 20,000 training images up, else 0.")
+    cache: str = setting(
+        "auto", "Where decoded images are kept: auto (memory when they fit, else files under "
+        "the workdir), memory, file, none, or a directory (a path with a /).")
+    synthetic_examples: int = setting(1000, "Images in --dataset=synthetic.")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "bit"
-    weights: str = "imagenet"  # resnet50 only: "imagenet", "none" or a weights file
-    hub_handle: str | None = None  # hub backbones: URL or SavedModel directory
-    bit_variant: str = "s-r50x3"  # the reference's BiT (BiT-S R50x3)
-    bit_weights: str | None = None  # bit: .npz path or URL; None: the official file; "none": random
-    trainable: bool | None = None  # None: train random backbones, freeze pretrained
-    freeze_batch_norm: bool = True  # pretrained BN backbones keep their statistics
-    wrn_depth: int = 10  # Wide ResNet layers, 6n+4
-    wrn_width: int = 2  # Wide ResNet channel multiplier k
-    dropout_rate: float = 0.3  # Wide ResNet dropout inside residual blocks (paper: 0.3)
-    # Moving-average momentum of the BatchNorm statistics this run trains (native
-    # backbones); None: 0.9 from scratch, Keras' 0.99 for pretrained ones (see resolve).
-    batch_norm_momentum: float | None = None
+    backbone: str = setting("bit", "The pretrained (or random) network under the head.")
+    weights: str = setting(
+        "imagenet", "--backbone=resnet50: imagenet, none (random) or a weights file.")
+    hub_handle: str | None = setting(
+        None, "Hub backbones: URL or SavedModel directory (overrides the default handle).")
+    bit_variant: str = setting("s-r50x3", "--backbone=bit: which BiT (BiT-S or BiT-M, "
+                               "depth and width).")
+    bit_weights: str | None = setting(
+        None, "--backbone=bit: an .npz path or URL, or none (random). Default: the official "
+        "file of --bit_variant, downloaded once.")
+    trainable: bool | None = setting(
+        None, "Fine-tune the backbone (--notrainable: train the head only). Default: train "
+        "random backbones, freeze pretrained ones.")
+    freeze_batch_norm: bool = setting(
+        True, "Keep a pretrained backbone's BatchNorm statistics fixed while fine-tuning.")
+    wrn_depth: int = setting(10, "--backbone=wide_resnet: layers, 6n+4.")
+    wrn_width: int = setting(2, "--backbone=wide_resnet: channel multiplier k.")
+    dropout_rate: float = setting(
+        0.3, "--backbone=wide_resnet: dropout inside residual blocks (the paper's 0.3).")
+    batch_norm_momentum: float | None = setting(
+        None, "Momentum of the BatchNorm statistics the run trains (wide_resnet; resnet50 from "
+        f"scratch or --nofreeze_batch_norm). Default: {SCRATCH_BATCH_NORM_MOMENTUM} from "
+        f"scratch (suits short runs), {KERAS_BATCH_NORM_MOMENTUM} for pretrained statistics.")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    # constant: the dataset's epochs; bit_hyperrule: equal parts of total_steps
-    epochs: int = 20
-    early_stopping_patience: int = 2  # epochs without val-accuracy gain; 0 disables
-    optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.9)
-    # None: 1e-5 to fine-tune pretrained, else 1e-3; under bit_hyperrule the
-    # peak rate after warm-up, None: 0.003 * global_batch_size / 512
-    learning_rate: float | None = None
-    schedule: str = "constant"  # "constant" rate, or "bit_hyperrule" (warm-up, step decays)
-    # optimizer steps of a bit_hyperrule run; None: the rule's, by the
-    # training-set size (500, 10,000 or 20,000)
-    total_steps: int | None = None
-    precision: str = "auto"
-    strategy: str = "auto"
-    tpu: str | None = None  # TPU name or "local" on a TPU VM
-    collective_timeout_sec: int = 600  # multi-worker: a silent peer ends the run after this
-    steps_per_execution: int | None = None  # train steps per compiled call; None: by hardware
-    jit_compile: str = "auto"  # "auto" turns XLA on for GPUs only
-    export: bool = True  # write the serving SavedModel at the end
-    export_backbone: bool = False  # also write the backbone in TF Hub format
+    epochs: int = setting(
+        20, "Maximum number of epochs. Under --schedule=bit_hyperrule: the number of equal "
+        "parts the run's steps are split into, each ending with a validation (default 10).")
+    early_stopping_patience: int = setting(
+        2, "Epochs without val accuracy gain before stopping; 0 disables (the default of "
+        "--schedule=bit_hyperrule).")
+    optimizer: str = setting(
+        "adam", "adam, or sgd (momentum 0.9; the default of --schedule=bit_hyperrule).",
+        choices=OPTIMIZERS)
+    learning_rate: float | None = setting(
+        None, "Default: per preset; else 1e-5 to fine-tune a pretrained backbone, 1e-3 "
+        "otherwise. --schedule=bit_hyperrule: the peak rate, default 0.003 * batch_size / 512.")
+    schedule: str = setting(
+        "constant", "constant (the --learning_rate throughout) or bit_hyperrule (BiT's warm-up "
+        "and step decays over a number of steps chosen by the training-set size, with its "
+        "MixUp, resolution and SGD).", choices=SCHEDULES)
+    total_steps: int | None = setting(
+        None, "--schedule=bit_hyperrule: optimizer steps of the run (the warm-up and decays "
+        "scale with it). Default: the rule's 500, 10,000 or 20,000 by the training-set size.")
+    precision: str = setting(
+        "auto", "Keras mixed-precision policy; auto: mixed_bfloat16 on TPUs and CPUs with "
+        "bfloat16 units, mixed_float16 on NVIDIA GPUs of compute capability 7.0+, else "
+        "float32.", choices=PRECISIONS)
+    strategy: str = setting(
+        "auto", "tf.distribute strategy; auto: tpu with --tpu, multi_worker with TF_CONFIG, "
+        "mirrored with several GPUs, else default.", choices=STRATEGIES)
+    tpu: str | None = setting(None, "TPU name, or local on a TPU VM.")
+    collective_timeout_sec: int = setting(
+        600, "Multi-worker: seconds a collective may wait for a silent peer before the run "
+        "stops (exit 4; restart all workers to resume).")
+    steps_per_execution: int | None = setting(
+        None, "Training steps per compiled call. Default: min(32, steps per epoch) on TPUs, "
+        "1 elsewhere.")
+    jit_compile: str = setting("auto", "XLA: auto (on GPUs only), true or false.",
+                               choices=JIT_COMPILE)
+    export: bool = setting(True, "Write the serving SavedModel (workdir/export) at the end.")
+    export_backbone: bool = setting(
+        False, "Also write the trained backbone as a TF Hub feature-vector SavedModel "
+        "(workdir/export_backbone).")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    experiment: str | None = None
-    workdir: str | None = None  # None: runs/<experiment or backbone>
-    seed: int = 0  # split, shuffling and initialisation
+    experiment: str | None = setting(
+        None, "Named preset (trainer/experiments.py); flags given explicitly override it.")
+    workdir: str | None = setting(
+        None, "Directory of the run; rerunning with it resumes. Default: runs/<experiment or "
+        "backbone>.")
+    seed: int = setting(0, "Seeds the split, shuffling and initialisation.")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
 
 
-_FLOWERS = {"dataset": "tf_flowers", "image_size": 224, "global_batch_size": 16, "epochs": 20}
+def _sections(config: Config) -> dict[str, Any]:
+    return {"": config, **{name: getattr(config, name) for name in SECTIONS}}
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": {
-        "dataset": "synthetic", "backbone": "wide_resnet", "image_size": 32,
-        "epochs": 2, "global_batch_size": 32, "learning_rate": 2e-3,
-        "early_stopping_patience": 0,
-    },
-    # The six reference runs (docs/reference.md), each with the preprocessing its
-    # backbone expects (built into the model).
-    "resnet50_scratch": {
-        **_FLOWERS, "backbone": "resnet50", "weights": "none", "trainable": True,
-        "learning_rate": 1e-4,
-    },
-    "resnet50_imagenet_finetune": {
-        **_FLOWERS, "backbone": "resnet50", "weights": "imagenet", "trainable": True,
-        "learning_rate": 1e-4,
-    },
-    "resnet50_hub_transfer": {
-        **_FLOWERS, "backbone": "resnet50_hub", "trainable": False, "learning_rate": 1e-3,
-    },
-    # The reference fine-tuned at Adam's default 1e-3 and collapsed (0.768);
-    # the rate BiT fine-tunes with keeps the pretrained features.
-    "resnet50_hub_finetune": {
-        **_FLOWERS, "backbone": "resnet50_hub", "trainable": True, "learning_rate": 1e-5,
-    },
-    # The native BiT (Keras, official .npz weights of BiT-S R50x3, downloaded once;
-    # --bit_weights=PATH offline), which the reference ran as a TF Hub model.
-    "bit_transfer": {
-        **_FLOWERS, "backbone": "bit", "bit_variant": "s-r50x3", "trainable": False,
-        "learning_rate": 1e-4,
-    },
-    "bit_finetune": {
-        **_FLOWERS, "backbone": "bit", "bit_variant": "s-r50x3", "trainable": True,
-        "learning_rate": 1e-5,
-    },
-    # BiT's own fine-tuning recipe (SCHEDULE_DEFAULTS, trainer/schedules.py) on
-    # tf_flowers. The authors' batch of 512 at 480 px needs TPU-pod memory; 64
-    # is meant for about 24 GB of accelerator memory, and the rate scales with it.
-    "bit_hyperrule": {
-        "dataset": "tf_flowers", "backbone": "bit", "bit_variant": "m-r50x1",
-        "trainable": True, "schedule": "bit_hyperrule", "global_batch_size": 64,
-    },
-}
 
-# What --schedule=bit_hyperrule changes, unless a preset or a flag sets it: the
-# rest of BiT-HyperRule (SGD, no early stopping, random resized crops, the
-# image size by area and MixUp by the training-set size, decided when the data
-# is known; see trainer/schedules.py). Ten equal "epochs" split the run.
-SCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "constant": {},
-    "bit_hyperrule": {
-        "optimizer": "sgd", "early_stopping_patience": 0, "augment": "resize_crop",
-        "image_size": None, "mixup_alpha": None, "epochs": 10,
-    },
-}
+def leaf_fields(config: Config = Config()) -> dict[str, dataclasses.Field]:
+    """Every leaf field by name, in declaration order (names are unique across sections)."""
+    return {f.name: f for section in _sections(config).values()
+            for f in dataclasses.fields(section) if f.name not in SECTIONS}
 
-# Flags whose name differs from the field they set.
-FLAG_FOR_FIELD = {"global_batch_size": "batch_size"}
-FIELD_FOR_FLAG = {flag: field for field, flag in FLAG_FOR_FIELD.items()}
+
+def flag_name(field: str) -> str:
+    """The command-line name of a config field (`global_batch_size` -> `batch_size`); a flag
+    name as given."""
+    found = leaf_fields().get(field)
+    return (found.metadata.get("flag") if found else None) or field
+
+
+def field_name(name: str) -> str:
+    """The config field a flag name sets (`batch_size` -> `global_batch_size`); fields as given."""
+    return {flag_name(field): field for field in leaf_fields()}.get(name, name)
 
 
 def flag(field: str) -> str:
     """Returns the command-line spelling (`--name`) of a config field."""
-    return "--" + FLAG_FOR_FIELD.get(field, field)
-
-
-def _sections(config: Config) -> dict[str, Any]:
-    return {"": config, "data": config.data, "model": config.model, "train": config.train}
+    return "--" + flag_name(field)
 
 
 def flatten(config: Config) -> dict[str, Any]:
-    """Returns every leaf field by name (names are unique across sections)."""
-    flat = {}
-    for section in _sections(config).values():
-        for f in dataclasses.fields(section):
-            if f.name not in ("data", "model", "train"):
-                flat[f.name] = getattr(section, f.name)
-    return flat
+    """Returns every leaf field's value by name (names are unique across sections)."""
+    return {name: getattr(section, name) for section in _sections(config).values()
+            for name in (f.name for f in dataclasses.fields(section)) if name not in SECTIONS}
 
 
 def override(config: Config, values: Mapping[str, Any]) -> Config:
@@ -199,49 +213,15 @@ def override(config: Config, values: Mapping[str, Any]) -> Config:
     """
     changes: dict[str, dict[str, Any]] = {key: {} for key in _sections(config)}
     for name, value in values.items():
-        field = FIELD_FOR_FLAG.get(name, name)
+        field = field_name(name)
         for key, section in _sections(config).items():
-            names = {f.name for f in dataclasses.fields(section)} - {"data", "model", "train"}
-            if field in names:
+            if field in {f.name for f in dataclasses.fields(section)} - set(SECTIONS):
                 changes[key][field] = value
                 break
         else:
             raise UserError(f"Unknown configuration field {name!r}.")
-    top = {
-        key: dataclasses.replace(getattr(config, key), **changes[key])
-        for key in ("data", "model", "train")
-    }
+    top = {key: dataclasses.replace(getattr(config, key), **changes[key]) for key in SECTIONS}
     return dataclasses.replace(config, **changes[""], **top)
-
-
-def preset(name: str | None) -> Config:
-    """Returns the configuration of a named experiment (defaults for None)."""
-    if name is None:
-        return Config()
-    if name not in PRESETS:
-        raise UserError(
-            f"--experiment={name} is not a known experiment; choose one of "
-            f"{', '.join(PRESETS)}."
-        )
-    return override(Config(experiment=name), PRESETS[name])
-
-
-def configure(experiment: str | None, values: Mapping[str, Any]) -> Config:
-    """The preset `experiment` (or the defaults), then `values` (fields or flag names).
-
-    Between the two come the chosen schedule's defaults (SCHEDULE_DEFAULTS) for
-    every field neither the preset nor `values` sets.
-
-    Raises:
-      UserError: an unknown preset or field.
-    """
-    base = preset(experiment)
-    explicit = {FIELD_FOR_FLAG.get(name, name) for name in values}
-    explicit |= set(PRESETS.get(experiment or "", {}))
-    schedule = values.get("schedule", base.train.schedule)
-    defaults = {name: value for name, value in SCHEDULE_DEFAULTS.get(schedule, {}).items()
-                if name not in explicit}
-    return override(override(base, defaults), values)
 
 
 def is_pretrained(model: ModelConfig) -> bool:
@@ -322,12 +302,10 @@ def check(config: Config) -> None:
     data, model, train = config.data, config.model, config.train
     _choice("backbone", model.backbone, BACKBONES)
     _choice("bit_variant", model.bit_variant, BIT_VARIANTS)
-    _choice("optimizer", train.optimizer, OPTIMIZERS)
-    _choice("augment", data.augment, AUGMENTS)
-    _choice("schedule", train.schedule, SCHEDULES)
-    _choice("precision", train.precision, PRECISIONS)
-    _choice("strategy", train.strategy, STRATEGIES)
-    _choice("jit_compile", train.jit_compile, JIT_COMPILE)
+    values = flatten(config)
+    for name, field in leaf_fields(config).items():
+        if field.metadata.get("choices"):
+            _choice(name, values[name], field.metadata["choices"])
     _require(bool(data.dataset), "--dataset must not be empty.")
     # A directory needs a "/": a misspelt mode must not become a directory.
     _require(data.cache in CACHES or "/" in data.cache,
@@ -461,44 +439,3 @@ def from_json(text: str) -> Config:
     )
 
 
-# Settings that may change between attempts at one run (its resumes): they change
-# where, how fast or how long it runs, not what an epoch computes. Every other
-# field is the run's identity (model, data, optimisation, global batch, seed).
-ATTEMPT_SETTINGS = frozenset({
-    "experiment",  # a preset only fills the other fields, which are compared
-    "workdir",  # the run is the directory its files are in, however it is spelled
-    "cache",  # the same decoded images, from memory, a file or no cache
-    "epochs",  # raising it continues a run; below the epochs done is refused (workdir.prepare)
-    "early_stopping_patience",  # when to stop, not what an epoch computes
-    "precision",  # variables stay float32; a run preempted on a TPU can resume on GPUs
-    "strategy", "tpu",  # the global batch is compared, not how it is spread over replicas
-    "collective_timeout_sec", "steps_per_execution", "jit_compile",  # how fast
-    "export", "export_backbone",  # what is written at the end
-})
-
-
-def identity_settings(config: Config) -> set[str]:
-    """The fields compared on resume: all but ATTEMPT_SETTINGS. Under bit_hyperrule
-    --epochs is compared too: it splits the run's fixed steps into epochs, so another
-    value would change the steps of the epochs still to run."""
-    fields = set(flatten(config)) - ATTEMPT_SETTINGS
-    return fields | {"epochs"} if config.train.schedule == "bit_hyperrule" else fields
-
-
-def differences(a: Config, b: Config) -> list[str]:
-    """Returns the flags of the settings that change results (a run's identity) and differ.
-
-    Paths are compared as `resolve` normalised them.
-    """
-    flat_a, flat_b = flatten(a), flatten(b)
-    compared = identity_settings(a)
-    return [flag(name) for name in flat_a if name in compared and flat_a[name] != flat_b[name]]
-
-
-def attempt_changes(a: Config, b: Config) -> list[str]:
-    """Returns `--flag: old -> new` for each setting that may change between attempts and
-    differs (those `identity_settings` leaves out)."""
-    flat_a, flat_b = flatten(a), flatten(b)
-    compared = identity_settings(a)
-    return [f"{flag(name)}: {flat_a[name]} -> {flat_b[name]}" for name in flat_a
-            if name not in compared and flat_a[name] != flat_b[name]]

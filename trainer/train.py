@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import statistics
 import sys
 import time
 from typing import Any, Iterator
@@ -229,25 +228,6 @@ def create_compiled_model(
     return model
 
 
-def summarize(history: list[dict[str, Any]], final_val_accuracy: float, **extra: Any) -> dict:
-    """The run's summary.json from its history.csv rows and the final evaluation (of the
-    best epoch's weights, which are exported)."""
-    best = workdir_lib.best_epoch(history)
-    speeds = [row["images_per_sec"] for row in history]
-    # The first epoch of a process includes tracing; leave it out when there are others.
-    steady = speeds[1:] if len(speeds) > 1 else speeds
-    return {
-        "best_val_accuracy": best.get("val_accuracy"),
-        "best_epoch": best["epoch"],
-        "final_val_accuracy": final_val_accuracy,
-        "last_epoch_val_accuracy": history[-1].get("val_accuracy"),
-        "epochs_completed": len(history),
-        "train_images_per_sec": statistics.median(steady),
-        "wall_time_sec": sum(row["epoch_seconds"] for row in history),
-        **extra,
-    }
-
-
 def train_and_evaluate(config: Config) -> dict[str, Any]:
     """Trains, evaluates and exports the run `config` describes (see module docstring).
 
@@ -361,7 +341,7 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
         if not chief:
             return {}
         history = workdir_lib.read_history(os.path.join(workdir, workdir_lib.HISTORY_FILE))
-        summary = summarize(
+        summary = workdir_lib.summarize(
             history, float(final_val_accuracy), num_replicas=replicas, **compute.computes_in,
             strategy=strategy_name, jit_compile=compute.jit_compile,
             global_batch_size=global_batch_size, num_classes=source.num_classes,

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import tempfile
 import time
 from typing import Any, Iterator
@@ -119,6 +120,50 @@ def remove_stale_temporaries(workdir: str) -> None:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
+# Settings that may change between attempts at one run (its resumes): they change
+# where, how fast or how long it runs, not what an epoch computes. Every other
+# field is the run's identity (model, data, optimisation, global batch, seed).
+ATTEMPT_SETTINGS = frozenset({
+    "experiment",  # a preset only fills the other fields, which are compared
+    "workdir",  # the run is the directory its files are in, however it is spelled
+    "cache",  # the same decoded images, from memory, a file or no cache
+    "epochs",  # raising it continues a run; below the epochs done is refused (workdir.prepare)
+    "early_stopping_patience",  # when to stop, not what an epoch computes
+    "precision",  # variables stay float32; a run preempted on a TPU can resume on GPUs
+    "strategy", "tpu",  # the global batch is compared, not how it is spread over replicas
+    "collective_timeout_sec", "steps_per_execution", "jit_compile",  # how fast
+    "export", "export_backbone",  # what is written at the end
+})
+
+
+def identity_settings(config: Config) -> set[str]:
+    """The fields compared on resume: all but ATTEMPT_SETTINGS. Under bit_hyperrule
+    --epochs is compared too: it splits the run's fixed steps into epochs, so another
+    value would change the steps of the epochs still to run."""
+    fields = set(config_lib.flatten(config)) - ATTEMPT_SETTINGS
+    return fields | {"epochs"} if config.train.schedule == "bit_hyperrule" else fields
+
+
+def differences(a: Config, b: Config) -> list[str]:
+    """Returns the flags of the settings that change results (a run's identity) and differ.
+
+    Paths are compared as `resolve` normalised them.
+    """
+    flat_a, flat_b = config_lib.flatten(a), config_lib.flatten(b)
+    compared = identity_settings(a)
+    return [config_lib.flag(name) for name in flat_a
+            if name in compared and flat_a[name] != flat_b[name]]
+
+
+def attempt_changes(a: Config, b: Config) -> list[str]:
+    """Returns `--flag: old -> new` for each setting that may change between attempts and
+    differs (those `identity_settings` leaves out)."""
+    flat_a, flat_b = config_lib.flatten(a), config_lib.flatten(b)
+    compared = identity_settings(a)
+    return [f"{config_lib.flag(name)}: {flat_a[name]} -> {flat_b[name]}" for name in flat_a
+            if name not in compared and flat_a[name] != flat_b[name]]
+
+
 def read_history(path: str) -> list[dict[str, Any]]:
     """Rows of a history.csv, numbers as floats (epoch as int); [] if absent."""
     if not os.path.exists(path):
@@ -157,6 +202,25 @@ def early_stopping_done(history: list[dict[str, Any]], patience: int) -> bool:
     have passed without a gain on the best epoch."""
     best = best_epoch(history)
     return bool(patience) and best is not None and history[-1]["epoch"] - best["epoch"] >= patience
+
+
+def summarize(history: list[dict[str, Any]], final_val_accuracy: float, **extra: Any) -> dict:
+    """The run's summary.json from its history.csv rows and the final evaluation (of the
+    best epoch's weights, which are exported)."""
+    best = best_epoch(history)
+    speeds = [row["images_per_sec"] for row in history]
+    # The first epoch of a process includes tracing; leave it out when there are others.
+    steady = speeds[1:] if len(speeds) > 1 else speeds
+    return {
+        "best_val_accuracy": best.get("val_accuracy"),
+        "best_epoch": best["epoch"],
+        "final_val_accuracy": final_val_accuracy,
+        "last_epoch_val_accuracy": history[-1].get("val_accuracy"),
+        "epochs_completed": len(history),
+        "train_images_per_sec": statistics.median(steady),
+        "wall_time_sec": sum(row["epoch_seconds"] for row in history),
+        **extra,
+    }
 
 
 def write_best_checkpoint(model: Any, workdir: str, epoch: int, value: float, chief: bool) -> None:
@@ -230,7 +294,7 @@ def prepare(config: Config, chief: bool) -> dict[str, Any] | None:
     """Checks the workdir holds a run of this config and records the attempt; returns the
     summary of a run that is finished under this config, else None.
 
-    Only the settings that change results are compared (`config.differences`);
+    Only the settings that change results are compared (`differences`);
     the others may change between attempts and are logged. A workdir whose earlier
     attempt trained no epoch takes any new settings. A finished run continues when
     this config allows more epochs (a higher --epochs or --early_stopping_patience).
@@ -245,7 +309,7 @@ def prepare(config: Config, chief: bool) -> dict[str, Any] | None:
     previous = read_config(workdir)
     history = read_history(os.path.join(workdir, HISTORY_FILE))
     if previous is not None:
-        changed = config_lib.differences(previous, config)
+        changed = differences(previous, config)
         if changed and not trained_an_epoch(workdir):
             logging.info("The earlier attempt in %s trained no epoch; starting afresh with "
                          "the new settings (%s).", workdir, ", ".join(changed))
@@ -268,7 +332,7 @@ def prepare(config: Config, chief: bool) -> dict[str, Any] | None:
         if chief:
             os.remove(os.path.join(workdir, SUMMARY_FILE))
     if previous is not None:
-        for change in config_lib.attempt_changes(previous, config):
+        for change in attempt_changes(previous, config):
             logging.info("%s since the last attempt (a setting that may change between "
                          "attempts: it does not change what an epoch computes).", change)
     if chief and previous != config:

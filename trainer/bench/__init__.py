@@ -31,25 +31,36 @@ from trainer.config import Config, UserError
 BENCH_FILE = "bench.json"
 
 
+# The trainer's flags the benchmark takes (same names and help), with the defaults of
+# the reference recipe's scratch run: ResNet50, random weights (works offline).
+TRAINER_FIELDS = ("backbone", "weights", "hub_handle", "bit_variant", "bit_weights",
+                  "image_size", "global_batch_size", "image_dir", "seed")
+TRAINER_DEFAULTS = {"backbone": "resnet50", "weights": "none", "image_size": None}
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The benchmark's command line; the model and data flags become a trainer Config."""
+    """The benchmark's command line: the trainer's model and data flags, and its own."""
 
-    backbone: str
-    weights: str  # resnet50
-    hub_handle: str | None
-    bit_variant: str
-    bit_weights: str | None
-    image_size: int | None  # pixels; None: each scenario's own
-    batch_size: int  # global, both sides
+    # TRAINER_FIELDS as given (the rest are Config's defaults): image_size None
+    # means each scenario's own; image_dir a folder measured instead of the scenarios.
+    trainer: Config
     scenarios: tuple[str, ...]  # names in scenarios.SCENARIOS; the first is also trained on
     images: int | None  # training images per scenario; None: each scenario's own
-    image_dir: str | None  # a folder of the user's images instead of the scenarios
     train_steps: int  # timed, per side
     round_steps: int  # per side per turn
     epoch_images: int  # training images of the smaller timed epoch
-    seed: int
     out: str  # directory of bench.json
+
+    @property
+    def batch_size(self) -> int:
+        return self.trainer.data.global_batch_size
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting by its flag name, for bench.json."""
+        flat = config_lib.flatten(self.trainer)
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "trainer"}
+        return {**{config_lib.flag_name(name): flat[name] for name in TRAINER_FIELDS}, **own}
 
     def check(self, training: scenarios_lib.Scenario) -> None:
         """Raises UserError naming the flag of the first invalid value."""
@@ -83,15 +94,11 @@ def trainer_config(settings: Settings, scenario: scenarios_lib.Scenario, folder:
     backbone would time the head alone).
     """
     values = {
-        "backbone": settings.backbone, "weights": settings.weights,
-        "hub_handle": settings.hub_handle, "bit_variant": settings.bit_variant,
-        "bit_weights": settings.bit_weights, "trainable": True,
-        "image_size": scenario.image_size, "global_batch_size": settings.batch_size,
-        "image_dir": folder, "seed": settings.seed,
+        "trainable": True, "image_size": scenario.image_size, "image_dir": folder,
         # Nothing is evaluated, but a DataSource needs a validation split: one image.
         "val_fraction": 1 / num_files,
     }
-    return config_lib.resolve(config_lib.override(Config(), values))
+    return config_lib.resolve(config_lib.override(settings.trainer, values))
 
 
 def run(settings: Settings, command: str) -> dict[str, Any]:
@@ -100,14 +107,15 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
     Raises:
       UserError: a bad setting or image folder; names the flag.
     """
-    chosen = scenarios_lib.resolve(settings.scenarios, settings.image_dir, settings.images,
-                                   settings.image_size)
+    given = settings.trainer
+    chosen = scenarios_lib.resolve(settings.scenarios, given.data.image_dir, settings.images,
+                                   given.data.image_size)
     settings.check(chosen[0])
-    keras.utils.set_random_seed(settings.seed)
+    keras.utils.set_random_seed(given.seed)
     report: dict[str, Any] = {"command": command,
                               "hardware": report_lib.hardware_info(),
-                              "settings": dataclasses.asdict(settings),
-                              "reference": report_lib.describe_reference(settings.backbone),
+                              "settings": settings.as_dict(),
+                              "reference": report_lib.describe_reference(given.model.backbone),
                               "scenarios": {}}
     logging.info("Hardware: %s", report["hardware"])
     with tempfile.TemporaryDirectory(prefix="trainer-bench-") as workdir:
@@ -115,14 +123,14 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
         for scenario in chosen:
             logging.info("Scenario %s: writing or linking %d images.", scenario.name,
                          scenario.train_images + 1)
-            folder = scenarios_lib.prepare(scenario, settings.image_dir, workdir, settings.seed)
+            folder = scenarios_lib.prepare(scenario, given.data.image_dir, workdir, given.seed)
             paths, _, _ = data.list_image_folder(folder)
             files[scenario.name] = {"files": len(paths),
                                     "mean_file_bytes": scenarios_lib.read_files(paths) / len(paths)}
             configs[scenario.name] = trainer_config(settings, scenario, folder, len(paths))
         needed = 2 * settings.epoch_images + 1  # the larger timed epoch and a validation image
         if files[chosen[0].name]["files"] < needed:
-            raise UserError(f"--image_dir={settings.image_dir} has {files[chosen[0].name]['files']}"
+            raise UserError(f"--image_dir={given.data.image_dir} has {files[chosen[0].name]['files']}"
                             f" usable images; the timed epochs need {needed}. Lower "
                             "--epoch_images.")
 
@@ -131,7 +139,7 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
         training = chosen[0]
         config = configs[training.name]
         report["training_scenario"] = training.name
-        names = timing.side_names(settings.backbone)
+        names = timing.side_names(given.model.backbone)
         logging.info("Training on %s: building %s.", training.name, ", ".join(names))
         sides = [timing.create_side(name, config) for name in names]
         trainer = sides[names.index("trainer")]

@@ -12,23 +12,18 @@ import sys
 
 from absl import app, flags
 
-from trainer import cli
+from trainer import bench, cli
 from trainer import config as config_lib
 from trainer.bench import Settings, report, run, scenarios
 from trainer.config import UserError
 
-_D = config_lib.ModelConfig()
-flags.DEFINE_string("backbone", "resnet50", "One of " + ", ".join(config_lib.BACKBONES) + ".")
-flags.DEFINE_string("weights", "none", "resnet50 only: none (random, as the reference's scratch "
-                    "run; works offline), imagenet or a weights file.")
-flags.DEFINE_string("hub_handle", None, "Hub backbones: URL or SavedModel directory.")
-flags.DEFINE_string("bit_variant", _D.bit_variant, "BiT model: "
-                    + ", ".join(config_lib.BIT_VARIANTS) + ".")
-flags.DEFINE_string("bit_weights", None, "BiT weights: an .npz path or URL, or none (random).")
-flags.DEFINE_integer("image_size", None, "Square input size, pixels, of every scenario. "
-                     "Default: each scenario's own (flowers 128, phone 224).")
-flags.DEFINE_integer("batch_size", 16, "GLOBAL batch size of both sides "
-                     "(the reference recipe's is 16).")
+TRAINER_FLAGS = cli.define_config_flags(
+    bench.TRAINER_FIELDS, defaults=bench.TRAINER_DEFAULTS, extra_help={
+        "backbone": "One of " + ", ".join(config_lib.BACKBONES) + ".",
+        "bit_variant": "One of " + ", ".join(config_lib.BIT_VARIANTS) + ".",
+        "image_size": "Default here: each scenario's own (flowers 128, phone 224).",
+        "image_dir": "Measured instead of the scenarios.",
+    }, module_name=__name__)
 flags.DEFINE_list("scenarios", list(scenarios.SCENARIOS), "Generated image sets to measure the "
                   "input on: " + ", ".join(f"{s.name} ({s.train_images} {s.description} of "
                                            f"{s.width}x{s.height} at {s.image_size} px)"
@@ -36,14 +31,11 @@ flags.DEFINE_list("scenarios", list(scenarios.SCENARIOS), "Generated image sets 
                   + ". Training is timed on the first.")
 flags.DEFINE_integer("images", None, "Training images of every scenario (one more is written "
                      "for validation). Default: each scenario's own.")
-flags.DEFINE_string("image_dir", None, "Folder with one sub-folder of images per class, "
-                    "measured instead of the scenarios.")
 flags.DEFINE_integer("train_steps", 5, "Timed training steps per side, after one warm-up step.")
 flags.DEFINE_integer("round_steps", 1, "Steps one side runs before the next side's turn; "
                      "raise it on GPUs (e.g. 25) so that steps overlap as they do in fit.")
 flags.DEFINE_integer("epoch_images", 32, "Training images in the smaller of the two epochs "
                      "timed to show how epoch time grows; the larger has twice as many.")
-flags.DEFINE_integer("seed", 0, "Seeds the generated images, the split and initialisation.")
 flags.DEFINE_string("out", ".", "Directory for bench.json.")
 
 FLAGS = flags.FLAGS
@@ -51,9 +43,11 @@ FLAGS = flags.FLAGS
 
 def settings_from_flags(flag_values: flags.FlagValues) -> Settings:
     """The benchmark's Settings from its flags."""
-    values = {f.name: flag_values[f.name].value for f in dataclasses.fields(Settings)}
-    values["scenarios"] = tuple(values["scenarios"])
-    return Settings(**values)
+    trainer = config_lib.override(config_lib.Config(), {
+        name: flag_values[name].value for name in TRAINER_FLAGS})
+    own = {f.name: flag_values[f.name].value for f in dataclasses.fields(Settings)
+           if f.name != "trainer"}
+    return Settings(trainer=trainer, **{**own, "scenarios": tuple(own["scenarios"])})
 
 
 def main(argv: list[str]) -> None:
