@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from trainer import backbones
 from trainer import config as config_lib
 from trainer import data, main, models
 from trainer.config import DataConfig, ModelConfig, UserError
@@ -152,7 +153,7 @@ VALUES = st.one_of(
     st.integers(-10**6, 10**6).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(str),
     st.sampled_from(["true", "false", "", "none", "1e-3", "0", "-1", "nan", "inf"]),
-    st.sampled_from([*config_lib.BACKBONES, *config_lib.PRESETS, *config_lib.PRECISIONS,
+    st.sampled_from([*backbones.names(), *config_lib.PRESETS, *config_lib.PRECISIONS,
                      *config_lib.STRATEGIES]),
 )
 FLAG_ARGS = st.lists(

@@ -22,6 +22,7 @@ from absl import app, flags, logging  # noqa: E402  after the SIGTERM handler
 # importing it makes them valid here (never redefine them).
 import tensorflow_hub  # noqa: E402,F401  pylint: disable=unused-import
 
+from trainer import backbones  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
 from trainer import train  # noqa: E402
 from trainer.cli import fail, parse_flags  # noqa: E402
@@ -40,11 +41,11 @@ flags.DEFINE_string("workdir", None, "Directory of the run; rerunning with it re
 flags.DEFINE_integer("seed", _D.seed, "Seeds the split, shuffling and initialisation.")
 flags.DEFINE_bool("print_config", False, "Print the resolved configuration as JSON and exit.")
 # Model.
-flags.DEFINE_string("backbone", _D.model.backbone, "One of " + ", ".join(config_lib.BACKBONES) + ".")
+flags.DEFINE_string("backbone", _D.model.backbone, "One of " + ", ".join(backbones.names()) + ".")
 flags.DEFINE_string("weights", _D.model.weights, "resnet50 only: imagenet, none or a weights file.")
 flags.DEFINE_string("hub_handle", None, "Hub backbones: URL or SavedModel directory "
                     "(overrides the default handle).")
-flags.DEFINE_string("bit_variant", _D.model.bit_variant, "BiT model: " + ", ".join(config_lib.BIT_VARIANTS) + ".")
+flags.DEFINE_string("bit_variant", _D.model.bit_variant, "BiT model: " + ", ".join(backbones.spec("bit").variants) + ".")
 flags.DEFINE_string("bit_weights", None, "BiT weights: an .npz path or URL, or none (random). "
                     "Default: the official file of --bit_variant.")
 flags.DEFINE_bool("trainable", None, "Fine-tune the backbone (--notrainable: train the head "

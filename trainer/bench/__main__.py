@@ -12,18 +12,18 @@ import sys
 
 from absl import app, flags
 
-from trainer import cli
+from trainer import backbones, cli
 from trainer import config as config_lib
 from trainer.bench import Settings, report, run, scenarios
 from trainer.config import UserError
 
 _D = config_lib.ModelConfig()
-flags.DEFINE_string("backbone", "resnet50", "One of " + ", ".join(config_lib.BACKBONES) + ".")
+flags.DEFINE_string("backbone", "resnet50", "One of " + ", ".join(backbones.names()) + ".")
 flags.DEFINE_string("weights", "none", "resnet50 only: none (random, as the reference's scratch "
                     "run; works offline), imagenet or a weights file.")
 flags.DEFINE_string("hub_handle", None, "Hub backbones: URL or SavedModel directory.")
 flags.DEFINE_string("bit_variant", _D.bit_variant, "BiT model: "
-                    + ", ".join(config_lib.BIT_VARIANTS) + ".")
+                    + ", ".join(backbones.spec("bit").variants) + ".")
 flags.DEFINE_string("bit_weights", None, "BiT weights: an .npz path or URL, or none (random).")
 flags.DEFINE_integer("image_size", None, "Square input size, pixels, of every scenario. "
                      "Default: each scenario's own (flowers 128, phone 224).")
