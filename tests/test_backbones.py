@@ -1,4 +1,4 @@
-"""The backbone registry: specs load without TensorFlow, and a new backbone is one module and one line."""
+"""The backbone registry: specs load without TensorFlow; a new backbone is a module and a line."""
 
 import os
 import subprocess
