@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from trainer import backbones
 from trainer import config as config_lib
 from trainer import experiments
 from trainer import data, main, models
@@ -153,7 +154,7 @@ VALUES = st.one_of(
     st.integers(-10**6, 10**6).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(str),
     st.sampled_from(["true", "false", "", "none", "1e-3", "0", "-1", "nan", "inf"]),
-    st.sampled_from([*config_lib.BACKBONES, *experiments.PRESETS, *config_lib.PRECISIONS,
+    st.sampled_from([*backbones.names(), *experiments.PRESETS, *config_lib.PRECISIONS,
                      *config_lib.STRATEGIES]),
 )
 FLAG_ARGS = st.lists(

@@ -16,6 +16,7 @@ import pytest
 
 from trainer import config as config_lib
 from trainer.bench import Settings, run, scenarios, timing, trainer_config
+from trainer.bench import report as report_lib
 from trainer.config import UserError
 
 TINY_PHOTOS = scenarios.Scenario("tiny", "tiny photos", train_images=8, width=40, height=30,
@@ -29,6 +30,15 @@ TINY_SETTINGS = Settings(
 # A ratio row: label, reference figure, trainer figure, ratio.
 RATIO_ROW = re.compile(r"^  (\S.*?)\s+([\d.e+-]+)\s+([\d.e+-]+)\s+([\d.]+)x")
 TOTALS = re.compile(r"= (\d+) images in ([\d.e+-]+) s and (\d+) images in ([\d.e+-]+) s")
+
+
+@pytest.mark.parametrize("backbone, target", [
+    ("resnet50", 1.8), ("bit", 1.25), ("wide_resnet", None), ("resnet50_hub", None), ("hub", None)])
+def test_the_throughput_target_is_the_backbones_own(backbone, target):
+    # No target for a SavedModel (it keeps float32 whatever the policy), nor for a
+    # backbone never measured against one (wide_resnet).
+    found = report_lib.targets({"scenarios": {}, "settings": {"backbone": backbone}, "train": {}})
+    assert [t[3] for t in found if t[0] == "train.throughput"] == ([target] if target else [])
 
 
 def test_cache_memory_is_measured_from_the_pipelines_images(tmp_path):

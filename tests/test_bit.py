@@ -14,8 +14,8 @@ import tf_keras as keras
 from conftest import run_main
 from trainer import config as config_lib
 from trainer import experiments
-from trainer import export, models, train
-from trainer.backbones import bit
+from trainer import backbones, export, models, train
+from trainer.backbones import bit, bit_network, bit_weights
 from trainer.config import ModelConfig, UserError
 
 SIZE = 32  # pixels
@@ -136,7 +136,7 @@ def test_an_official_r50x1_file_loads_every_array_into_its_variable(tmp_path, im
     path = write_npz(tmp_path / "BiT-M-R50x1.npz", arrays)
     model = models.create_model(ModelConfig(backbone="bit", bit_variant="m-r50x1", bit_weights=path),
                                 num_classes=3, image_size=SIZE)
-    variables = bit.npz_variables(model.get_layer("backbone"))
+    variables = bit_network.npz_variables(model.get_layer("backbone"))
     # Every array but the pretrained head has exactly one variable, holding it.
     assert set(variables) == set(arrays) - {"resnet/head/conv2d/kernel", "resnet/head/conv2d/bias"}
     assert len({id(v) for v in variables.values()}) == len(model.get_layer("backbone").weights)
@@ -176,7 +176,7 @@ def test_group_norm_statistics_are_float32_under_float16():
     # statistics keep them, and the normalized output fits float16 again.
     x = (100 + 300 * np.random.default_rng(0).standard_normal((2, 16, 16, 64))).astype(np.float32)
     x_fp16 = tf.cast(tf.constant(x), tf.float16)
-    out = bit.GroupNormReLU(dtype="mixed_float16")(x_fp16)
+    out = bit_network.GroupNormReLU(dtype="mixed_float16")(x_fp16)
     assert out.dtype == tf.float16
     grouped = tf.cast(x_fp16, tf.float64).numpy().reshape(2, 16, 16, 32, 2)
     mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
@@ -203,18 +203,18 @@ def test_bad_weights_files_name_the_flag_and_the_first_offending_key(tiny_bit, t
     for i, (arrays, message) in enumerate(cases):
         path = write_npz(tmp_path / f"case{i}.npz", arrays)
         with pytest.raises(UserError, match=f"--bit_weights={path}: .*{message}"):
-            models.check_backbone_source(tiny_config(path))
+            backbones.spec("bit").check_source(tiny_config(path))
 
     not_npz = tmp_path / "weights.npz"
     not_npz.write_text("not an archive")
     with pytest.raises(UserError, match="not an .npz file"):
-        models.check_backbone_source(tiny_config(str(not_npz)))
+        backbones.spec("bit").check_source(tiny_config(str(not_npz)))
     h5 = tmp_path / "BiT-S-R50x1.h5"
     keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save_weights(str(h5))
     with pytest.raises(UserError, match=r"--bit_weights=.*HDF5 \(.h5\) file"):
-        models.check_backbone_source(tiny_config(str(h5)))
+        backbones.spec("bit").check_source(tiny_config(str(h5)))
     with pytest.raises(UserError, match="--bit_weights=.*is not a file"):
-        models.check_backbone_source(tiny_config(str(tmp_path / "missing.npz")))
+        backbones.spec("bit").check_source(tiny_config(str(tmp_path / "missing.npz")))
 
 
 @pytest.mark.parametrize("weights, message", [
@@ -253,13 +253,13 @@ def test_default_is_the_official_file_downloaded_once_into_the_keras_cache(one_u
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # a fresh Keras cache
     monkeypatch.delenv("KERAS_HOME", raising=False)
     # The official address, with the host replaced by the local server.
-    monkeypatch.setattr(bit, "WEIGHTS_URL", f"http://127.0.0.1:{server.server_port}/{{name}}.npz")
+    monkeypatch.setattr(bit_weights, "WEIGHTS_URL", f"http://127.0.0.1:{server.server_port}/{{name}}.npz")
     try:
         config = tiny_config(None)
         model = models.create_model(config, 3, SIZE)
-        models.check_backbone_source(config)  # a second run finds the file in the cache
+        backbones.spec("bit").check_source(config)  # a second run finds the file in the cache
         monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
-        models.check_backbone_source(config)  # $KERAS_HOME has a cache of its own
+        backbones.spec("bit").check_source(config)  # $KERAS_HOME has a cache of its own
     finally:
         server.shutdown()
         server.server_close()
@@ -267,14 +267,14 @@ def test_default_is_the_official_file_downloaded_once_into_the_keras_cache(one_u
     assert (tmp_path / "home" / ".keras" / "models" / "BiT-S-R50x1.npz").is_file()
     assert (tmp_path / "keras_home" / "models" / "BiT-S-R50x1.npz").is_file()
     key = "resnet/root_block/standardized_conv2d/kernel"
-    np.testing.assert_array_equal(bit.npz_variables(model.get_layer("backbone"))[key].numpy(),
+    np.testing.assert_array_equal(bit_network.npz_variables(model.get_layer("backbone"))[key].numpy(),
                                   arrays[key])
 
 
 def test_the_official_urls_and_pretrained_defaults():
-    assert bit.official_url("s-r50x3") == "https://storage.googleapis.com/bit_models/BiT-S-R50x3.npz"
-    assert bit.official_url("m-r152x2") == "https://storage.googleapis.com/bit_models/BiT-M-R152x2.npz"
-    for variant in config_lib.BIT_VARIANTS:
+    assert bit_weights.official_url("s-r50x3") == "https://storage.googleapis.com/bit_models/BiT-S-R50x3.npz"
+    assert bit_weights.official_url("m-r152x2") == "https://storage.googleapis.com/bit_models/BiT-M-R152x2.npz"
+    for variant in bit.VARIANTS:
         assert bit.architecture(variant).name().lower() == variant.split("-")[1]
     default = config_lib.resolve(config_lib.Config())
     assert default.model.backbone == "bit" and default.model.trainable is False

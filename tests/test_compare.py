@@ -68,7 +68,8 @@ def test_rows_match_the_runs_and_are_sorted(parent, report):
         assert row["replicas"] == done["num_replicas"] == 1
         assert row["precision"] == done["precision"]
         assert row["learning_rate"] == config["train"]["learning_rate"]
-        assert (row["backbone"], row["weights"], row["trainable"]) == ("wide_resnet", "none", True)
+        assert (row["backbone"], row["weights"], row["trainable"]) == (
+            "wide_resnet", "none (random)", True)
     killed = by_name["killed"]
     assert killed["status"] == "partial" and killed["epochs"] == 1
     with open(parent / "fast" / "history.csv") as f:
@@ -142,6 +143,26 @@ def test_a_missing_run_is_a_row_not_an_error(parent, tmp_path):
     assert [(row["run"], row["status"]) for row in rows] == [("fast", "complete"), ("gone", "missing")]
     with pytest.raises(config_lib.UserError, match="None of"):
         compare.find_runs([str(parent / "gone")])
+
+
+@pytest.mark.parametrize("values, weights", [
+    ({"backbone": "bit", "bit_variant": "m-r50x1", "bit_weights": None},
+     "BiT-M-R50x1: https://storage.googleapis.com/bit_models/BiT-M-R50x1.npz"),
+    ({"backbone": "bit", "bit_variant": "s-r50x3", "bit_weights": "/w/BiT-S-R50x3.npz"},
+     "BiT-S-R50x3: /w/BiT-S-R50x3.npz"),
+    ({"backbone": "bit", "bit_variant": "s-r50x3", "bit_weights": "none"}, "none (random)"),
+    ({"backbone": "resnet50", "weights": "imagenet"}, "imagenet"),
+    ({"backbone": "resnet50", "weights": "none"}, "none (random)"),
+    ({"backbone": "resnet50", "weights": "/w/resnet50.h5"}, "/w/resnet50.h5"),
+    ({"backbone": "resnet50_hub", "hub_handle": None},
+     "hub: https://tfhub.dev/google/imagenet/resnet_v1_50/feature_vector/5"),
+    ({"backbone": "hub", "hub_handle": "/models/bit_m-r50x1"}, "hub: /models/bit_m-r50x1"),
+    ({"backbone": "wide_resnet"}, "none (random)"),
+    ({"backbone": "retired"}, None),
+])
+def test_the_weights_column_names_what_the_run_started_from(values, weights):
+    # A native BiT run is no hub run, whatever its weights.
+    assert compare.weights_of(values) == weights
 
 
 def test_names_are_made_unique_when_run_directories_share_a_name():

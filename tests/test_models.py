@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from trainer import distribute, models
-from trainer.backbones import bit, hub, resnet50
+from trainer import backbones, distribute, models
+from trainer.backbones import bit, hub
 from trainer.config import ModelConfig, UserError
 
 SIZE = 32
@@ -44,7 +44,7 @@ def test_native_backbones_build_and_train(config):
 
 
 def test_caffe_preprocessing_flips_to_bgr_and_subtracts_means():
-    layer = resnet50.CaffePreprocess()
+    layer = models.CaffePreprocess()
     out = layer(tf.constant([[[[10, 20, 30]]]], tf.uint8)).numpy()
     np.testing.assert_allclose(out[0, 0, 0], [30 - 103.939, 20 - 116.779, 10 - 123.68], rtol=1e-5)
 
@@ -92,8 +92,8 @@ def test_default_hub_handles():
     # Any TF Hub model, BiT included, through --backbone=hub; --backbone=bit is native.
     bit_hub = "https://tfhub.dev/google/bit/m-r50x1/1"
     assert hub.handle(ModelConfig(backbone="hub", hub_handle=bit_hub)) == bit_hub
-    assert models.BACKBONES["hub"] is hub and models.BACKBONES["resnet50_hub"] is hub
-    assert models.BACKBONES["bit"] is bit
+    assert backbones.spec("hub") in hub.SPECS and backbones.spec("resnet50_hub") in hub.SPECS
+    assert backbones.spec("bit") in bit.SPECS
 
 
 def test_weights_file_of_the_wrong_architecture_is_a_clear_error(tmp_path):

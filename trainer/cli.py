@@ -36,10 +36,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def flag_help(field: str, extra: str = "") -> str:
     """A config field's help text, its choices listed, then `extra`."""
-    metadata = config_lib.leaf_fields()[field].metadata
-    text = metadata["help"]
-    if metadata.get("choices"):
-        text += " One of " + ", ".join(metadata["choices"]) + "."
+    text = config_lib.leaf_fields()[field].metadata["help"]
+    if config_lib.choices(field):
+        text += " One of " + ", ".join(config_lib.choices(field)) + "."
     return f"{text} {extra}".rstrip()
 
 

@@ -27,6 +27,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from tensorboard.plugins.hparams import api as hp
 
+from trainer import backbones
 from trainer.cli import fail, parse_flags
 from trainer.config import UserError
 from trainer.workdir import (CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, read_history, summarize,
@@ -146,18 +147,11 @@ def run_names(paths: Sequence[str]) -> list[str]:
 
 
 def weights_of(config: dict[str, Any]) -> str | None:
-    """Where the backbone's starting weights come from, in a few words."""
-    backbone = config.get("backbone")
-    if backbone == "resnet50":
-        return config.get("weights")
-    if backbone == "wide_resnet":
-        return "none"
-    if backbone in ("resnet50_hub", "bit", "hub"):
-        handle = config.get("hub_handle")
-        if handle:
-            return f"hub: {handle}"
-        return f"hub: bit/{config.get('bit_variant')}" if backbone == "bit" else "hub: imagenet"
-    return None
+    """Where the backbone's starting weights come from, in a few words (its spec's);
+    None for a backbone no longer registered."""
+    if config.get("backbone") not in backbones.names():
+        return None
+    return backbones.spec(config["backbone"]).weights(config)
 
 
 def ran_with(run: Run) -> dict[str, Any]:

@@ -12,16 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-BACKBONES = ("resnet50", "resnet50_hub", "bit", "hub", "wide_resnet")
-HUB_BACKBONES = ("resnet50_hub", "hub")  # loaded with hub.KerasLayer
-# BiT-S (ImageNet-1k) and BiT-M (ImageNet-21k) as published; R152x2 only as BiT-M.
-BIT_VARIANTS = (
-    "s-r50x1", "s-r50x3", "s-r101x1", "s-r101x3", "s-r152x4",
-    "m-r50x1", "m-r50x3", "m-r101x1", "m-r101x3", "m-r152x2", "m-r152x4",
-)
-NATIVE_BATCH_NORM_BACKBONES = ("resnet50", "wide_resnet")  # BN layers built here, momentum settable
+from trainer import backbones
+
 OPTIMIZERS = ("adam", "sgd")
 AUGMENTS = ("none", "flip_crop", "resize_crop")
 SCHEDULES = ("constant", "bit_hyperrule")
@@ -43,14 +37,15 @@ class UserError(Exception):
 
 
 def setting(default: Any, help: str, *, flag: str | None = None,
-            choices: tuple[str, ...] = ()) -> Any:
+            choices: tuple[str, ...] | Callable[[], tuple[str, ...]] = ()) -> Any:
     """A config field with its command-line help (and flag name, when it differs).
 
     Args:
       default: the field's default.
       help: the flag's help text, written here only.
       flag: the flag's name when it is not the field's.
-      choices: the valid values, listed in the help and checked by `check`.
+      choices: the valid values (or a function that returns them, for values registered
+        at run time), listed in the help and checked by `check`.
     """
     return dataclasses.field(default=default, metadata={"help": help, "flag": flag,
                                                          "choices": choices})
@@ -91,13 +86,15 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = setting("bit", "The pretrained (or random) network under the head.")
+    backbone: str = setting("bit", "The pretrained (or random) network under the head "
+                            "(trainer/backbones/).", choices=backbones.names)
     weights: str = setting(
         "imagenet", "--backbone=resnet50: imagenet, none (random) or a weights file.")
     hub_handle: str | None = setting(
         None, "Hub backbones: URL or SavedModel directory (overrides the default handle).")
-    bit_variant: str = setting("s-r50x3", "--backbone=bit: which BiT (BiT-S or BiT-M, "
-                               "depth and width).")
+    bit_variant: str = setting(
+        "s-r50x3", "--backbone=bit: which BiT (BiT-S: ImageNet-1k, BiT-M: ImageNet-21k; depth x "
+        "width).", choices=lambda: backbones.spec("bit").variants)
     bit_weights: str | None = setting(
         None, "--backbone=bit: an .npz path or URL, or none (random). Default: the official "
         "file of --bit_variant, downloaded once.")
@@ -172,6 +169,12 @@ class Config:
     train: TrainConfig = TrainConfig()
 
 
+def choices(field: str) -> tuple[str, ...]:
+    """The valid values of a config field, () when any value of its type may do."""
+    listed = leaf_fields()[field].metadata.get("choices", ())
+    return tuple(listed() if callable(listed) else listed)
+
+
 def _sections(config: Config) -> dict[str, Any]:
     return {"": config, **{name: getattr(config, name) for name in SECTIONS}}
 
@@ -224,20 +227,25 @@ def override(config: Config, values: Mapping[str, Any]) -> Config:
     return dataclasses.replace(config, **changes[""], **top)
 
 
-def is_pretrained(model: ModelConfig) -> bool:
-    """Whether the backbone starts from pretrained weights."""
-    if model.backbone == "resnet50":
-        return model.weights != "none"
-    if model.backbone == "bit":
-        return model.bit_weights != "none"
-    return model.backbone in HUB_BACKBONES
+def backbone(model: ModelConfig) -> backbones.Spec:
+    """The spec of --backbone.
+
+    Raises:
+      UserError: no registered backbone has that name; lists those that do.
+    """
+    try:
+        return backbones.spec(model.backbone)
+    except KeyError:
+        raise UserError(f"--backbone={model.backbone} is not valid; choose one of "
+                        f"{', '.join(backbones.names())}.") from None
 
 
 def trains_batch_norm_statistics(model: ModelConfig) -> bool:
     """Whether training updates the statistics of BatchNorm layers built here (not in a
     hub model, not pretrained ones kept fixed by --freeze_batch_norm)."""
-    return (model.backbone in NATIVE_BATCH_NORM_BACKBONES and bool(model.trainable)
-            and not (model.freeze_batch_norm and is_pretrained(model)))
+    spec = backbone(model)
+    return (spec.native_batch_norm and bool(model.trainable)
+            and not (model.freeze_batch_norm and spec.pretrained(model)))
 
 
 def local_path(path: str | None) -> str | None:
@@ -255,18 +263,19 @@ def resolve(config: Config) -> Config:
       UserError: a value is out of range or values conflict; names the flag.
     """
     model = config.model
+    pretrained = backbone(model).pretrained(model)
     trainable = model.trainable
     if trainable is None:
-        trainable = not is_pretrained(model)
+        trainable = not pretrained
     learning_rate = config.train.learning_rate
     # Under bit_hyperrule None stays: the rule's peak rate is set when the run starts.
     if learning_rate is None and config.train.schedule != "bit_hyperrule":
-        fine_tune = trainable and is_pretrained(model)
+        fine_tune = trainable and pretrained
         learning_rate = 1e-5 if fine_tune else 1e-3
     momentum = model.batch_norm_momentum
     if momentum is None and trains_batch_norm_statistics(
             dataclasses.replace(model, trainable=trainable)):
-        momentum = KERAS_BATCH_NORM_MOMENTUM if is_pretrained(model) else SCRATCH_BATCH_NORM_MOMENTUM
+        momentum = KERAS_BATCH_NORM_MOMENTUM if pretrained else SCRATCH_BATCH_NORM_MOMENTUM
     workdir = config.workdir or os.path.join(
         "runs", config.experiment or model.backbone
     )
@@ -300,12 +309,11 @@ def _choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
 def check(config: Config) -> None:
     """Raises UserError naming the flag of the first invalid or conflicting value."""
     data, model, train = config.data, config.model, config.train
-    _choice("backbone", model.backbone, BACKBONES)
-    _choice("bit_variant", model.bit_variant, BIT_VARIANTS)
+    spec = backbone(model)
     values = flatten(config)
-    for name, field in leaf_fields(config).items():
-        if field.metadata.get("choices"):
-            _choice(name, values[name], field.metadata["choices"])
+    for name in leaf_fields(config):
+        if choices(name):
+            _choice(name, values[name], choices(name))
     _require(bool(data.dataset), "--dataset must not be empty.")
     # A directory needs a "/": a misspelt mode must not become a directory.
     _require(data.cache in CACHES or "/" in data.cache,
@@ -314,7 +322,7 @@ def check(config: Config) -> None:
     _require(bool(config.workdir), "--workdir must not be empty.")
     _require(0.0 < data.val_fraction < 1.0,
              f"--val_fraction must be between 0 and 1 (exclusive), got {data.val_fraction}.")
-    _check_image_sizes(data, model, train)
+    _check_image_sizes(data, train)
     _require(data.global_batch_size >= 1,
              f"--batch_size must be a positive global batch size, got {data.global_batch_size}.")
     _require(data.synthetic_examples >= 10,
@@ -327,43 +335,40 @@ def check(config: Config) -> None:
              f"--collective_timeout_sec must be at least 1, got {train.collective_timeout_sec}.")
     _require(train.steps_per_execution is None or train.steps_per_execution >= 1,
              f"--steps_per_execution must be at least 1, got {train.steps_per_execution}.")
-    _require(0.0 <= model.dropout_rate < 1.0,
-             f"--dropout_rate must be in [0, 1), got {model.dropout_rate}.")
-    _require(model.wrn_depth >= 10 and (model.wrn_depth - 4) % 6 == 0,
-             f"--wrn_depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {model.wrn_depth}.")
-    _require(1 <= model.wrn_width <= 16, f"--wrn_width must be 1 to 16, got {model.wrn_width}.")
-    _require(bool(model.weights), "--weights must be imagenet, none or a weights file.")
-    if model.batch_norm_momentum is not None:
-        _require(0.0 <= model.batch_norm_momentum < 1.0,
-                 f"--batch_norm_momentum must be in [0, 1), got {model.batch_norm_momentum}.")
-        _require(trains_batch_norm_statistics(model),
-                 "--batch_norm_momentum applies to BatchNorm statistics this run trains: "
-                 "--backbone=wide_resnet, or resnet50 with --weights=none or "
-                 f"--nofreeze_batch_norm; not --backbone={model.backbone}"
-                 + (" (a hub model keeps its own layers)" if model.backbone in HUB_BACKBONES
-                    else " with its pretrained statistics kept fixed") + ".")
-    if model.hub_handle is not None:
-        _require(model.backbone in HUB_BACKBONES,
-                 f"--hub_handle applies to the hub backbones ({', '.join(HUB_BACKBONES)}), "
-                 f"not --backbone={model.backbone}.")
-    if model.bit_weights is not None:
-        _require(model.backbone == "bit",
-                 f"--bit_weights applies to --backbone=bit, not --backbone={model.backbone}.")
-        _require(bool(model.bit_weights), "--bit_weights must be an .npz path or URL, or none.")
-    if model.backbone == "hub":
-        _require(bool(model.hub_handle), "--backbone=hub needs --hub_handle (a TF2 SavedModel "
-                 "image feature vector: URL or directory).")
-    _require(model.trainable or is_pretrained(model),
-             f"--notrainable would freeze a randomly initialised backbone "
-             f"(--backbone={model.backbone}"
-             + (" --weights=none" if model.backbone == "resnet50" else "")
-             + (" --bit_weights=none" if model.backbone == "bit" else "")
-             + "); train it with --trainable or start from pretrained weights.")
+    _check_backbone(model, data, spec)
     if train.strategy == "tpu":
         _require(bool(train.tpu), "--strategy=tpu needs --tpu (its name, or local on a TPU VM).")
 
 
-def _check_image_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
+def _check_backbone(model: ModelConfig, data: DataConfig, spec: backbones.Spec) -> None:
+    """Every backbone's field checks, then those of the chosen one (see backbones.Spec)."""
+    for other in backbones.specs():
+        other.check_fields(model)
+        # A field that is None unless set, set although the chosen backbone does not read it.
+        for name in other.fields:
+            if getattr(model, name) is not None and getattr(ModelConfig(), name) is None:
+                readers = [s.name for s in backbones.specs() if name in s.fields]
+                _require(model.backbone in readers, f"--{name} applies to --backbone="
+                         f"{' or '.join(readers)}, not --backbone={model.backbone}.")
+    if model.batch_norm_momentum is not None:
+        _require(0.0 <= model.batch_norm_momentum < 1.0,
+                 f"--batch_norm_momentum must be in [0, 1), got {model.batch_norm_momentum}.")
+        native = " or ".join(s.name for s in backbones.specs() if s.native_batch_norm)
+        why = ("a hub model keeps its own layers" if spec.saved_model else "no BatchNorm "
+               "layers built here" if not spec.native_batch_norm else "statistics kept fixed")
+        _require(trains_batch_norm_statistics(model),
+                 "--batch_norm_momentum applies to BatchNorm statistics this run trains: "
+                 f"--backbone={native} from scratch or with --nofreeze_batch_norm; not "
+                 f"--backbone={model.backbone} ({why}).")
+    spec.check(model, data)
+    random = "".join(f" {flag(name)}=none" for name in spec.fields if getattr(model, name) == "none")
+    _require(model.trainable or spec.pretrained(model),
+             f"--notrainable would freeze a randomly initialised backbone "
+             f"(--backbone={model.backbone}{random}); train it with --trainable or start "
+             "from pretrained weights.")
+
+
+def _check_image_sizes(data: DataConfig, train: TrainConfig) -> None:
     if data.image_size is None:
         _require(train.schedule == "bit_hyperrule",
                  "--image_size must be given (pixels); only --schedule=bit_hyperrule chooses "
@@ -371,9 +376,6 @@ def _check_image_sizes(data: DataConfig, model: ModelConfig, train: TrainConfig)
     else:
         _require(8 <= data.image_size <= 1024,
                  f"--image_size must be between 8 and 1024 pixels, got {data.image_size}.")
-        if model.backbone == "resnet50":
-            _require(data.image_size >= 32, f"--image_size must be at least 32 for "
-                     f"--backbone=resnet50, got {data.image_size}.")
     if data.resize_size is not None:
         _require(data.augment == "resize_crop",
                  f"--resize_size={data.resize_size} applies to --augment=resize_crop (random "

@@ -35,8 +35,6 @@ EXIT_PREEMPTED = sigterm.EXIT_CODE  # 143: progress is saved, rerun the same com
 # One flag per config field, its help written in trainer/config.py.
 CONFIG_FLAGS = cli.define_config_flags(extra_help={
     "experiment": "One of " + ", ".join(experiments.PRESETS) + ".",
-    "backbone": "One of " + ", ".join(config_lib.BACKBONES) + ".",
-    "bit_variant": "One of " + ", ".join(config_lib.BIT_VARIANTS) + ".",
 }, module_name=__name__)
 flags.DEFINE_bool("print_config", False, "Print the resolved configuration as JSON and exit.")
 

@@ -21,7 +21,7 @@ from absl import logging
 
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
-from trainer import data, distribute, export, models, schedules, sigterm
+from trainer import backbones, data, distribute, export, models, schedules, sigterm
 from trainer import workdir as workdir_lib
 from trainer.config import Config, UserError
 
@@ -175,7 +175,7 @@ def choose_compute(config: Config, strategy: tf.distribute.Strategy,
                    steps_per_epoch: int) -> Compute:
     """Resolves precision, XLA and steps per execution (`auto` and unset: by hardware)."""
     # TF Hub SavedModels keep their saved dtypes: no mixed policy reaches inside.
-    saved_model = config.model.backbone in config_lib.HUB_BACKBONES
+    saved_model = backbones.spec(config.model.backbone).saved_model
     precision, precision_reason = distribute.choose_precision(
         config.train, strategy, backbone_follows_policy=not saved_model)
     jit_compile, jit_compile_reason = distribute.choose_jit_compile(
@@ -267,7 +267,7 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
     strategy_name = type(strategy).__name__.lstrip("_")
     keras.utils.set_random_seed(config.seed)
 
-    models.check_backbone_source(config.model)  # before a long data download
+    backbones.spec(config.model.backbone).check_source(config.model)  # before a long data download
     config, source, steps_per_epoch, schedule = prepare_data(
         config, cache_dir=os.path.join(workdir, data.WORKDIR_CACHE),
         input_pipelines=distribute.num_workers(strategy))

@@ -1,16 +1,20 @@
-"""TF Hub image feature vectors (resnet50_hub, any TF2 SavedModel: --backbone=hub) as hub.KerasLayer."""
+"""TF Hub image feature vectors as hub.KerasLayer: resnet50_hub, and any TF2 SavedModel (--backbone=hub).
+
+A SavedModel keeps the dtypes it was saved with: no precision policy reaches
+inside it, and XLA cannot compile its trainable gradient once (see
+`distribute.choose_jit_compile`).
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
-import tensorflow as tf
-import tensorflow_hub as hub
-import tf_keras as keras
+from trainer.backbones import LAYER_NAME, Spec
+from trainer.config import DataConfig, ModelConfig, UserError
 
-from trainer.backbones import Backbone
-from trainer.config import ModelConfig, UserError
+if TYPE_CHECKING:
+    import tf_keras as keras
 
 HUB_RESNET50_HANDLE = "https://tfhub.dev/google/imagenet/resnet_v1_50/feature_vector/5"
 
@@ -20,6 +24,18 @@ def handle(config: ModelConfig) -> str:
     if config.hub_handle:
         return config.hub_handle
     return HUB_RESNET50_HANDLE
+
+
+def weights(config: Mapping[str, Any]) -> str:
+    """hub: the handle (URL or directory) the run loaded."""
+    return f"hub: {config.get('hub_handle') or HUB_RESNET50_HANDLE}"
+
+
+def needs_handle(config: ModelConfig, data: DataConfig) -> None:
+    """--backbone=hub has no default model: raises UserError naming --hub_handle."""
+    if not config.hub_handle:
+        raise UserError("--backbone=hub needs --hub_handle (a TF2 SavedModel image feature "
+                        "vector: URL or directory).")
 
 
 def check_source(config: ModelConfig) -> None:
@@ -39,37 +55,34 @@ def check_source(config: ModelConfig) -> None:
                         "(no saved_model.pb).")
 
 
-class HubFeatureVector(hub.KerasLayer):
-    """hub.KerasLayer that, while frozen, keeps GradientTape out of the SavedModel's functions.
+def build(config: ModelConfig, image_size: int) -> keras.layers.Layer:
+    """hub.KerasLayer of the handle, float32, trainable as --trainable says."""
+    import tensorflow_hub as hub
 
-    Why: a SavedModel's functions are opaque calls in the train step. Their
-    gradient functions take constants of the forward pass (a mean's reduction
-    axes, a reshape's shape) as outputs of the forward call, and XLA makes every
-    input of a call whose output must be a compile-time constant a constant too:
-    the image batch and the backbone's weights. Under jit_compile the train step
-    then compiled again for nearly every batch. A frozen backbone needs no
-    gradient, so none is built. A trainable one needs it: see
-    `distribute.choose_jit_compile`.
-    """
-
-    def call(self, inputs: tf.Tensor, training: Any = None) -> tf.Tensor:
-        outputs = super().call(inputs, training=training)
-        return outputs if self.trainable else tf.stop_gradient(outputs)
-
-
-def build(config: ModelConfig, image_size: int) -> Backbone:
     path = handle(config)
     try:
         # Mixed precision does not reach inside a SavedModel: it keeps its dtypes.
-        layer = HubFeatureVector(path, trainable=config.trainable, dtype="float32",
-                               name="backbone")
+        return hub.KerasLayer(path, trainable=config.trainable, dtype="float32",
+                              name=LAYER_NAME)
     except Exception as e:
         raise UserError(
             f"--hub_handle={path}: the TF Hub model could not be loaded "
             f"({str(e).splitlines()[0][:200]}). Offline, download the model, extract it and "
             "pass its directory with --hub_handle (set TFHUB_CACHE_DIR to keep downloads)."
         ) from None
-    # Hub image models take float32 RGB in [0, 1].
-    preprocess = keras.layers.Rescaling(1 / 255, dtype="float32", name="preprocess")
-    # Any hub model may hold BatchNorm layers (GroupNorm ones ignore `training`).
-    return Backbone(preprocess, layer, has_batch_norm=True, mixed_precision=False)
+
+
+def _spec(name: str, description: str, **values: Any) -> Spec:
+    # Hub image models take RGB in [0, 1]. Any of them may hold BatchNorm
+    # layers (GroupNorm ones ignore `training`), none built here.
+    return Spec(name=name, description=description, build=build, input_range="[0,1]",
+                pretrained=lambda config: True, weights=weights, saved_model=True,
+                batch_norm=True, fields=("hub_handle",), check_source=check_source, **values)
+
+
+SPECS = (
+    _spec("resnet50_hub", "TF Hub ResNet v1 50 ImageNet feature vector (--hub_handle: "
+          "another copy of it)"),
+    _spec("hub", "any TF2 SavedModel image feature vector (needs --hub_handle)",
+          check=needs_handle),
+)

@@ -1,4 +1,4 @@
-"""Keras ResNet50 (random or ImageNet weights) with the caffe preprocessing its weights expect.
+"""Keras ResNet50 (random or ImageNet weights), on the caffe-style input its weights expect.
 
 Its BatchNorm layers get `config.batch_norm_momentum` when the run trains their
 statistics (resolved by `config.resolve`; None keeps Keras' 0.99).
@@ -7,22 +7,38 @@ statistics (resolved by `config.resolve`; None keeps Keras' 0.99).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any, Mapping
 
-import tensorflow as tf
-import tf_keras as keras
+from trainer.backbones import LAYER_NAME, RANDOM_WEIGHTS, Spec
+from trainer.config import KERAS_BATCH_NORM_MOMENTUM, DataConfig, ModelConfig, UserError
 
-from trainer.backbones import Backbone
-from trainer.config import KERAS_BATCH_NORM_MOMENTUM, ModelConfig, UserError
+if TYPE_CHECKING:
+    import tf_keras as keras
 
-IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)  # caffe-style, what keras ResNet50 expects
+MIN_IMAGE_SIZE = 32  # pixels: five stride-2 stages leave at least 1x1
 
 
-class CaffePreprocess(keras.layers.Layer):
-    """RGB uint8 -> BGR float minus the ImageNet means (Keras ResNet50 weights)."""
+def pretrained(config: ModelConfig) -> bool:
+    """Whether --weights gives trained weights (imagenet or a file)."""
+    return config.weights != "none"
 
-    def call(self, images: tf.Tensor) -> tf.Tensor:
-        bgr = tf.cast(images, tf.float32)[..., ::-1]
-        return bgr - tf.constant(IMAGENET_BGR_MEANS, tf.float32)
+
+def weights(config: Mapping[str, Any]) -> str:
+    """imagenet, the weights file, or none (random)."""
+    return RANDOM_WEIGHTS if config.get("weights") == "none" else config.get("weights")
+
+
+def check_fields(config: ModelConfig) -> None:
+    """Raises UserError naming --weights when it is empty."""
+    if not config.weights:
+        raise UserError("--weights must be imagenet, none or a weights file.")
+
+
+def check(config: ModelConfig, data: DataConfig) -> None:
+    """Raises UserError naming --image_size below what the network can reduce."""
+    if data.image_size is not None and data.image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"--image_size must be at least {MIN_IMAGE_SIZE} for "
+                        f"--backbone={config.backbone}, got {data.image_size}.")
 
 
 def check_source(config: ModelConfig) -> None:
@@ -37,6 +53,8 @@ def with_batch_norm_momentum(model: keras.Model, momentum: float) -> keras.Model
     keras.applications builds its BN layers with Keras' default; a clone with
     their config changed is the public way to another momentum.
     """
+    import tf_keras as keras
+
     def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
         layer_config = layer.get_config()
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -48,12 +66,15 @@ def with_batch_norm_momentum(model: keras.Model, momentum: float) -> keras.Model
     return copy
 
 
-def build(config: ModelConfig, image_size: int) -> Backbone:
-    weights = None if config.weights == "none" else config.weights
+def build(config: ModelConfig, image_size: int) -> keras.Model:
+    """keras.applications.ResNet50 without its top, average-pooled, with --weights."""
+    import tf_keras as keras
+
+    weights_file = None if config.weights == "none" else config.weights
     shape = (image_size, image_size, 3)
     try:
         resnet = keras.applications.ResNet50(
-            include_top=False, weights=weights, input_shape=shape, pooling="avg")
+            include_top=False, weights=weights_file, input_shape=shape, pooling="avg")
     except Exception as e:
         raise UserError(
             f"--weights={config.weights}: the ResNet50 weights could not be loaded "
@@ -65,6 +86,14 @@ def build(config: ModelConfig, image_size: int) -> Backbone:
     if momentum is not None and momentum != KERAS_BATCH_NORM_MOMENTUM:
         resnet = with_batch_norm_momentum(resnet, momentum)
     inputs = keras.Input(shape)
-    network = keras.Model(inputs, resnet(inputs), name="backbone")
-    return Backbone(CaffePreprocess(dtype="float32", name="preprocess"), network,
-                    has_batch_norm=True, mixed_precision=True)
+    return keras.Model(inputs, resnet(inputs), name=LAYER_NAME)
+
+
+SPECS = (Spec(
+    name="resnet50",
+    description="Keras ResNet50: ImageNet weights (--weights), random or a weights file",
+    build=build, input_range="caffe", pretrained=pretrained, weights=weights,
+    batch_norm=True, native_batch_norm=True, fields=("weights",),
+    check_fields=check_fields, check=check, check_source=check_source,
+    throughput_target=1.8,  # against the recipe's own float32 model (trainer.bench)
+),)

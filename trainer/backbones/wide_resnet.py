@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
-import tensorflow as tf
-import tf_keras as keras
+from typing import TYPE_CHECKING
 
-from trainer.backbones import Backbone
-from trainer.config import KERAS_BATCH_NORM_MOMENTUM, ModelConfig
+from trainer.backbones import LAYER_NAME, Spec
+from trainer.config import KERAS_BATCH_NORM_MOMENTUM, ModelConfig, UserError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+    import tf_keras as keras
+
+
+def check_fields(config: ModelConfig) -> None:
+    """Raises UserError naming --dropout_rate, --wrn_depth or --wrn_width out of range."""
+    if not 0.0 <= config.dropout_rate < 1.0:
+        raise UserError(f"--dropout_rate must be in [0, 1), got {config.dropout_rate}.")
+    if config.wrn_depth < 10 or (config.wrn_depth - 4) % 6:
+        raise UserError("--wrn_depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got "
+                        f"{config.wrn_depth}.")
+    if not 1 <= config.wrn_width <= 16:
+        raise UserError(f"--wrn_width must be 1 to 16, got {config.wrn_width}.")
 
 
 def _wide_block(x: tf.Tensor, width: int, stride: int, dropout_rate: float,
                 momentum: float) -> tf.Tensor:
     """Pre-activation basic block with dropout between the convolutions (WRN paper)."""
+    import tf_keras as keras
+
     conv = dict(padding="same", use_bias=False, kernel_initializer="he_normal")
     out = keras.layers.ReLU()(keras.layers.BatchNormalization(momentum=momentum)(x))
     if stride == 1 and x.shape[-1] == width:
@@ -26,9 +42,11 @@ def _wide_block(x: tf.Tensor, width: int, stride: int, dropout_rate: float,
     return keras.layers.Add()([shortcut, y])
 
 
-def build(config: ModelConfig, image_size: int) -> Backbone:
+def build(config: ModelConfig, image_size: int) -> keras.Model:
     """WRN-d-k: 3 groups of (d-4)/6 blocks, 16k/32k/64k wide; BatchNorm momentum from
     `config.batch_norm_momentum` (None: Keras' default)."""
+    import tf_keras as keras
+
     momentum = config.batch_norm_momentum
     if momentum is None:  # an unresolved config: what the layers would have by default
         momentum = KERAS_BATCH_NORM_MOMENTUM
@@ -45,7 +63,13 @@ def build(config: ModelConfig, image_size: int) -> Backbone:
             x = _wide_block(x, width, stride if block == 0 else 1, config.dropout_rate, momentum)
     x = keras.layers.ReLU()(keras.layers.BatchNormalization(momentum=momentum)(x))
     features = keras.layers.GlobalAveragePooling2D()(x)
-    preprocess = keras.layers.Rescaling(1 / 127.5, offset=-1.0, dtype="float32",
-                                        name="preprocess")
-    return Backbone(preprocess, keras.Model(inputs, features, name="backbone"),
-                    has_batch_norm=True, mixed_precision=True)
+    return keras.Model(inputs, features, name=LAYER_NAME)
+
+
+SPECS = (Spec(
+    name="wide_resnet",
+    description="native Wide ResNet WRN-d-k from scratch (--wrn_depth, --wrn_width)",
+    build=build, input_range="[-1,1]",
+    batch_norm=True, native_batch_norm=True, fields=("wrn_depth", "wrn_width", "dropout_rate"),
+    check_fields=check_fields,
+),)

@@ -19,8 +19,6 @@ from trainer.config import UserError
 
 TRAINER_FLAGS = cli.define_config_flags(
     bench.TRAINER_FIELDS, defaults=bench.TRAINER_DEFAULTS, extra_help={
-        "backbone": "One of " + ", ".join(config_lib.BACKBONES) + ".",
-        "bit_variant": "One of " + ", ".join(config_lib.BIT_VARIANTS) + ".",
         "image_size": "Default here: each scenario's own (flowers 128, phone 224).",
         "image_dir": "Measured instead of the scenarios.",
     }, module_name=__name__)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import tensorflow as tf
 import tf_keras as keras
 
-from trainer import data, distribute, models
+from trainer import backbones, data, distribute
 from trainer import train as train_lib
 from trainer.config import Config
 
@@ -68,7 +68,7 @@ def create_model(config: Config, num_classes: int) -> keras.Model:
                                                REFERENCE_COMPUTE)
     distribute.set_precision("float32")
     size = config.data.image_size
-    network = models.BACKBONES[RECIPE_BACKBONE].build(config.model, size).network
+    network = backbones.spec(RECIPE_BACKBONE).build(config.model, size)
     network.trainable = config.model.trainable
     model = keras.Sequential([keras.Input((size, size, 3)), network,
                               keras.layers.Dense(num_classes, activation="softmax")],

@@ -14,15 +14,13 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
-from trainer import distribute
+from trainer import backbones, distribute
 from trainer.bench import reference
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 MB = 1e6
 LATER_EPOCH_TARGET = 10.0  # trainer (cached) / reference images/s of later epochs
 CACHE_MEMORY_TARGET = 0.3  # trainer (uint8) / reference (float32) cache bytes
-# Trainer / reference training images/s on a CPU with bfloat16 units, per backbone.
-THROUGHPUT_TARGETS = {"resnet50": 1.8, "bit": 1.25}
 OVERHEAD_TARGET = 0.95  # the trainer at the reference's settings / the reference
 
 
@@ -65,10 +63,10 @@ def targets(report: dict[str, Any]) -> list[tuple[str, tuple[str, ...], str, flo
                       ">=", LATER_EPOCH_TARGET))
         found.append((f"{name}.cache_memory", ("scenarios", name, "input", "cache_memory",
                                                "ratio"), "<=", CACHE_MEMORY_TARGET))
-    backbone = report["settings"]["backbone"]
-    if backbone in THROUGHPUT_TARGETS:
-        found.append(("train.throughput", ("train", "throughput", "ratio"), ">=",
-                      THROUGHPUT_TARGETS[backbone]))
+    # Trainer / reference training images/s on a CPU with bfloat16 units: the backbone's own.
+    throughput = backbones.spec(report["settings"]["backbone"]).throughput_target
+    if throughput is not None:
+        found.append(("train.throughput", ("train", "throughput", "ratio"), ">=", throughput))
     if "overhead" in report["train"]:
         found.append(("train.overhead", ("train", "overhead", "ratio"), ">=", OVERHEAD_TARGET))
     return found
