@@ -83,3 +83,20 @@ def test_nothing_cites_files_outside_the_repository():
             for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
             if outside.search(line) and p.name != "test_docs.py"]
     assert not hits, f"references to files the repository does not hold: {hits}"
+
+
+def test_the_flags_page_lists_every_flag_as_the_definitions_say():
+    """docs/flags.md is generated from the flag definitions: a flag added, removed or
+    reworded without `python scripts/write_flags_page.py` fails here."""
+    import importlib.util
+
+    from trainer import main
+
+    spec = importlib.util.spec_from_file_location("write_flags_page",
+                                                  REPO / "scripts" / "write_flags_page.py")
+    page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page)
+    text = (REPO / "docs" / "flags.md").read_text()
+    assert text == page.page(), "docs/flags.md is out of date: run scripts/write_flags_page.py"
+    for name in main.CONFIG_FLAGS + ("print_config",):
+        assert f"`--{name}`" in text, name

@@ -77,3 +77,34 @@ def given_values(flag_values: flags.FlagValues, names: Iterable[str]) -> dict[st
     """The values of the flags among `names` given on the command line (by flag name)."""
     return {name: flag_values[name].value for name in names
             if name in flag_values and flag_values[name].present}
+
+
+def config_flag_sections() -> dict[str, tuple[str, ...]]:
+    """The config's flags by section, as the flags page lists them: heading -> flag names."""
+    fields = config_lib.leaf_fields()
+    top = tuple(name for name in fields if name in config_lib.Config.__dataclass_fields__)
+    sections = {"The run": top}
+    for heading, section in (("Data", config_lib.DataConfig), ("Model", config_lib.ModelConfig),
+                             ("Training", config_lib.TrainConfig)):
+        sections[heading] = tuple(config_lib.flag_name(name) for name in section.__dataclass_fields__)
+    return sections
+
+
+def flags_markdown(flag_values: flags.FlagValues, sections: Mapping[str, Iterable[str]]) -> str:
+    """The flags page: one table per section of flag names, each flag with its default and help.
+
+    Args:
+      flag_values: the command's parsed or unparsed flags (their definitions are read).
+      sections: heading -> the flag names listed under it, in order.
+    """
+    lines = []
+    for heading, names in sections.items():
+        lines += [f"## {heading}", "", "| flag | default | what it does |", "|---|---|---|"]
+        for name in names:
+            flag = flag_values[name]
+            spelling = f"`--{name}` / `--no{name}`" if flag.boolean else f"`--{name}`"
+            default = "" if flag.default is None else f"`{flag.default_as_str.strip(chr(39))}`"
+            text = " ".join(flag.help.split()).replace("|", "\\|").replace("<", "&lt;")
+            lines.append(f"| {spelling} | {default} | {text} |")
+        lines.append("")
+    return "\n".join(lines)
