@@ -29,8 +29,9 @@ from tensorboard.plugins.hparams import api as hp
 
 from trainer.cli import fail, parse_flags
 from trainer.config import UserError
+from trainer.files import write_atomically
 from trainer.train import summarize
-from trainer.workdir import CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, read_history, write_atomically
+from trainer.workdir import CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, read_history
 
 RUN_FILES = (CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE)
 COLUMNS = (

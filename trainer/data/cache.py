@@ -10,24 +10,21 @@ settings never read it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import socket
-import tempfile
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import psutil
 import tensorflow as tf
 from absl import logging
 
+from trainer import files
 from trainer.config import DataConfig, UserError
 
 # Share of the memory available at start (per worker) that --cache=auto lets the
@@ -95,28 +92,26 @@ class FileCache:
     """One split's decoded images in files, written under a temporary name and published by rename.
 
     A pass that finds the entry `directory/name` reads it. Otherwise it has
-    TensorFlow write the cache into a new `name.tmp-XXXX` directory, holding an
-    flock on its `.writer` file, and renames that directory to `name` once the
-    last element is written. So no reader ever opens a half-written cache, runs
-    that write at the same time each write their own (the first rename wins),
-    and a killed writer's temporary, TensorFlow's lockfile included, is removed
-    by the next FileCache on the directory: its flock died with it.
+    TensorFlow write the cache into a new staged directory (files.StagedDirectory)
+    and renames it to `name` once the last element is written. So no reader ever
+    opens a half-written cache, runs that write at the same time each write their
+    own (the first rename wins), and a killed writer's temporary, TensorFlow's
+    lockfile included, is removed by the next FileCache on the directory: its
+    flock died with it (see trainer/files.py).
     """
 
     def __init__(self, directory: str, name: str, keep: re.Pattern | None = None):
         """Removes dead writers' temporaries and, when `keep` is given (the
         directory is the workdir's own), published entries it does not match."""
         self.directory, self.entry = directory, os.path.join(directory, name)
-        self._writers: dict[str, Any] = {}  # temporary directory -> its open, locked .writer
+        self._staged: dict[str, files.StagedDirectory] = {}  # by path: this process's writes
         os.makedirs(directory, exist_ok=True)
-        with directory_lock(directory):
+        with files.directory_lock(directory):
+            files.remove_stale_temporaries(directory)
             for other in os.listdir(directory):
                 path = os.path.join(directory, other)
-                if ".tmp-" in other and not writer_alive(path):
-                    logging.info("Removing %s, a cache an interrupted run was writing.", path)
-                    shutil.rmtree(path, ignore_errors=True)
-                elif (keep is not None and os.path.isdir(path) and ".tmp-" not in other
-                      and not keep.fullmatch(other)):
+                if (keep is not None and os.path.isdir(path)
+                        and not files.TEMPORARY.fullmatch(other) and not keep.fullmatch(other)):
                     logging.info("Removing %s, the cache of other data or settings.", path)
                     shutil.rmtree(path, ignore_errors=True)
 
@@ -131,54 +126,19 @@ class FileCache:
         return tf.data.Dataset.range(1).flat_map(one_pass)
 
     def _start_pass(self) -> bytes:
-        with directory_lock(self.directory):
+        with files.directory_lock(self.directory):
             if os.path.exists(os.path.join(self.entry, CACHE_PREFIX + ".index")):
                 return os.path.join(self.entry, CACHE_PREFIX).encode()
-            temporary = tempfile.mkdtemp(prefix=os.path.basename(self.entry) + ".tmp-",
-                                         dir=self.directory)
-            writer = open(os.path.join(temporary, ".writer"), "w")
-            fcntl.flock(writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        writer.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        writer.flush()
-        self._writers[temporary] = writer
+            staged = files.StagedDirectory(self.entry)
+        self._staged[staged.path] = staged
         logging.info("Writing the cache %s (published when complete).", self.entry)
-        return os.path.join(temporary, CACHE_PREFIX).encode()
+        return os.path.join(staged.path, CACHE_PREFIX).encode()
 
     def _publish(self, prefix: bytes) -> None:
-        temporary = os.path.dirname(prefix.decode())
-        writer = self._writers.pop(temporary, None)
-        if writer is None:  # the pass read the published entry
-            return
-        try:
-            os.rename(temporary, self.entry)
-        except OSError:  # another run published it first: the same images
-            shutil.rmtree(temporary, ignore_errors=True)
-        writer.close()
-
-
-@contextlib.contextmanager
-def directory_lock(directory: str) -> Iterator[None]:
-    """Holds an flock on `directory/.lock` (blocking): one process at a time creates
-    or removes cache temporaries there."""
-    with open(os.path.join(directory, ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def writer_alive(temporary: str) -> bool:
-    """Whether a live process holds the flock of a cache temporary's `.writer`.
-
-    Call under directory_lock: a writer creates and locks it there, so a
-    temporary without a locked `.writer` has no live writer.
-    """
-    try:
-        with open(os.path.join(temporary, ".writer"), "a") as writer:
-            fcntl.flock(writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # gone, or not a directory: nothing writes it
-        pass
-    return False
+        staged = self._staged.pop(os.path.dirname(prefix.decode()), None)
+        if staged is not None:  # else the pass read the published entry
+            # Another run may have published it first: the same images.
+            staged.publish(replace=False)
 
 
 def cache_bytes(sizes: dict[str, int], stored_sizes: dict[str, int], input_pipelines: int) -> int:
