@@ -81,13 +81,15 @@ def directory_lock(directory: str, blocking: bool = True) -> contextlib.Abstract
 
 
 def held(path: str) -> bool:
-    """Whether a live process holds an flock on file `path` (False when there is no such file)."""
+    """Whether a live process holds an (exclusive) flock on file `path`; False without the file."""
     try:
-        fd = os.open(path, os.O_WRONLY)  # not created: a missing file has no holder
-    except OSError:  # missing, or a directory
+        fd = os.open(path, os.O_RDONLY)  # not created: a missing file has no holder
+    except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A shared lock is refused only while another holds the exclusive one, and
+        # needs read access only (on NFS too), so probes never block each other.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:
@@ -223,4 +225,7 @@ def remove_stale_temporaries(directory: str) -> None:
             os.replace(path, published)
             continue
         logging.info("Removing %s, left by an interrupted run.", path)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
