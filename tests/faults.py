@@ -16,7 +16,7 @@ command line with these environment variables:
                          multiplied by 10: gradient ascent makes those epochs worse, for sure
 
 It wraps the trainer's public functions (create_callbacks, write_history_row,
-publish_directory); the trainer itself has no test hooks. As a module, `start`
+files.publish_directory); the trainer itself has no test hooks. As a module, `start`
 runs it in a subprocess and `wait_for` waits for an event.
 """
 
@@ -78,7 +78,7 @@ def _install(pause_at, marker, ascend_from):
     import tf_keras as keras
 
     from trainer import callbacks as callbacks_lib
-    from trainer import export
+    from trainer import files
     from trainer import workdir as workdir_lib
 
     event, _, arg = (pause_at or ":").partition(":")
@@ -123,17 +123,16 @@ def _install(pause_at, marker, ascend_from):
         if event == "history" and epoch == number:
             _pause(marker)
 
-    publish_directory = workdir_lib.publish_directory
+    publish_directory = files.publish_directory
 
-    def publish_directory_with_faults(staging, target):
+    def publish_directory_with_faults(staging, target, *args, **kwargs):
         if event == "publish" and os.path.basename(target) == arg:
             _pause(marker)
-        publish_directory(staging, target)
+        return publish_directory(staging, target, *args, **kwargs)
 
     callbacks_lib.create_callbacks = create_callbacks_with_faults
     workdir_lib.write_history_row = write_history_row_with_faults
-    workdir_lib.publish_directory = publish_directory_with_faults
-    export.publish_directory = publish_directory_with_faults  # imported by name there
+    files.publish_directory = publish_directory_with_faults
 
 
 if __name__ == "__main__":

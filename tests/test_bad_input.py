@@ -1,6 +1,5 @@
 """Bad input gets a clear error or is skipped with a count: image files, flags, hub models, TF_CONFIG."""
 
-import dataclasses
 import io
 import json
 import os
@@ -18,8 +17,9 @@ from PIL import Image
 from trainer import backbones
 from trainer import config as config_lib
 from trainer import experiments
-from trainer import data, main, models
+from trainer import main, models
 from trainer.config import DataConfig, ModelConfig, UserError
+from trainer.data import decode, sources
 
 from conftest import run_main
 
@@ -84,13 +84,14 @@ def messy_folder(tmp_path):
 
 def decoded_once(source, split):
     """Images of one pass over a split, as training reads them (no repeat)."""
-    skips = data.DecodeSkips(source.example_names[split], source.sizes[split])
-    return [x.numpy() for x, _ in source._decoded(source.examples[split](), 16, skips)]
+    skips = decode.DecodeSkips(source.example_names[split], source.sizes[split])
+    return [x.numpy() for x, _ in decode.decode_examples(source.examples[split](), 16,
+                                                         source.encoded, skips)]
 
 
 def test_messy_folder_keeps_every_decodable_image_and_skips_the_rest(messy_folder, caplog):
     root, usable = messy_folder
-    source = data.create_data_source(DataConfig(image_dir=root, image_size=16, val_fraction=0.25), seed=0)
+    source = sources.create_data_source(DataConfig(image_dir=root, image_size=16, val_fraction=0.25), seed=0)
     assert source.class_names == ("good kind", "ünïcode")
     assert "Skipped 3 of 12" in caplog.text  # empty, text, bomb: told by their headers
     assert "bomb.png (8000x8000 is more than" in caplog.text
@@ -107,16 +108,16 @@ def test_phone_photos_with_data_after_the_jpeg_are_trained_on(tmp_path, caplog):
     for label, name in enumerate(("a", "b")):
         (folder / name).mkdir(parents=True)
         plain = phone_photos(folder / name, seed=label)
-    paths, _, _ = data.list_image_folder(str(folder))
+    paths, _, _ = sources.list_image_folder(str(folder))
     assert sorted(os.path.basename(p) for p in paths) == sorted(
         ["motion photo.jpg", "samsung.jpg", "truncated.jpg"] * 2)
-    source = data.create_data_source(DataConfig(image_dir=str(folder), image_size=16,
-                                                val_fraction=0.5), seed=0)
+    source = sources.create_data_source(DataConfig(image_dir=str(folder), image_size=16,
+                                                   val_fraction=0.5), seed=0)
     images = decoded_once(source, "train") + decoded_once(source, "val")
     assert len(images) == 4  # the truncated ones are left out, by name
     left_out = " ".join(r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage())
     assert all(str(folder / name / "truncated.jpg") in left_out for name in ("a", "b"))
-    expected = data.decode_image(tf.constant(plain), 16).numpy()
+    expected = decode.decode_image(tf.constant(plain), 16).numpy()
     assert sum(np.array_equal(image, expected) for image in images) == 2  # b's, with trailers
 
 
@@ -180,11 +181,9 @@ def test_undecodable_examples_are_named_once_first_middle_and_last(caplog):
     good = jpeg_bytes(noise(20, 24))
     encoded = [good[:40], good, good[:-200], good, b"\xff\xd8\xff broken"]  # 0, 2 and 4 fail
     names = [f"file{k}.jpg" for k in range(5)]
-    skips = data.DecodeSkips(names.__getitem__, len(names))
+    skips = decode.DecodeSkips(names.__getitem__, len(names))
     examples = tf.data.Dataset.from_tensor_slices((encoded, tf.range(5, dtype=tf.int64)))
-    source = data.create_data_source(DataConfig(dataset="synthetic", synthetic_examples=10,
-                                                image_size=16), 0)
-    pipeline = dataclasses.replace(source, encoded=True)._decoded(examples, 16, skips)
+    pipeline = decode.decode_examples(examples, 16, encoded=True, skips=skips)
     for _ in range(2):  # no cache: every pass decodes again, the log names them once
         assert [int(label) for _, label in pipeline] == [1, 3]
     warnings = [r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage()]

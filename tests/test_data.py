@@ -17,7 +17,8 @@ from PIL import Image
 
 from trainer import config as config_lib
 from trainer import experiments
-from trainer import data, train
+from trainer import train
+from trainer.data import cache, decode, pipeline, sources
 from trainer.config import DataConfig, UserError
 
 from conftest import CLASSES, run_main
@@ -32,10 +33,10 @@ def labels_of(ds):
 
 
 def test_image_folder_yields_uint8_images_and_sorted_class_labels(image_dir):
-    source = data.create_data_source(folder_config(image_dir), seed=1)
+    source = sources.create_data_source(folder_config(image_dir), seed=1)
     assert source.class_names == CLASSES
     assert source.sizes == {"train": 14, "val": 4}  # 18 images, 25% held out (rounded)
-    images, labels = next(iter(source.dataset("val", 4)))
+    images, labels = next(iter(pipeline.create_dataset(source, "val", 4)))
     assert images.shape == (4, 16, 16, 3) and images.dtype == tf.uint8
     assert labels.dtype == tf.int64
     # Each class was written in its own grey level, so labels can be checked by pixels.
@@ -45,7 +46,7 @@ def test_image_folder_yields_uint8_images_and_sorted_class_labels(image_dir):
 
 def test_split_is_deterministic_per_seed_and_disjoint(image_dir):
     def split(seed):
-        source = data.create_data_source(folder_config(image_dir), seed=seed)
+        source = sources.create_data_source(folder_config(image_dir), seed=seed)
         return [sorted(f.numpy() for f, _ in source.examples[s]()) for s in ("train", "val")]
 
     train, val = split(3)
@@ -55,20 +56,20 @@ def test_split_is_deterministic_per_seed_and_disjoint(image_dir):
 
 
 def test_training_pipeline_repeats_with_full_batches(image_dir):
-    source = data.create_data_source(folder_config(image_dir, augment="flip_crop"), seed=0)
-    batches = list(source.dataset("train", 5).take(6))  # more than one epoch of 14
+    source = sources.create_data_source(folder_config(image_dir, augment="flip_crop"), seed=0)
+    batches = list(pipeline.create_dataset(source, "train", 5).take(6))  # more than one epoch of 14
     assert all(images.shape == (5, 16, 16, 3) for images, _ in batches)
-    assert data.steps_per_epoch(source.sizes["train"], 5) == 2
+    assert pipeline.steps_per_epoch(source.sizes["train"], 5) == 2
 
 
 def files_by_pixels(source, split):
     """The split's files, keyed by the bytes of their decoded image (every file differs)."""
     paths = [source.example_names[split](k) for k in range(source.sizes[split])]
-    return {data.decode_image(tf.io.read_file(p), 16).numpy().tobytes(): p for p in paths}
+    return {decode.decode_image(tf.io.read_file(p), 16).numpy().tobytes(): p for p in paths}
 
 
 def test_train_data_is_sharded_per_input_pipeline_and_val_read_whole(image_dir):
-    source = data.create_data_source(folder_config(image_dir), seed=0)
+    source = sources.create_data_source(folder_config(image_dir), seed=0)
     train_files, val_files = files_by_pixels(source, "train"), files_by_pixels(source, "val")
     assert len(train_files) == 14 and len(val_files) == 4
     shards = []
@@ -76,9 +77,10 @@ def test_train_data_is_sharded_per_input_pipeline_and_val_read_whole(image_dir):
         context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id,
                                              num_replicas_in_sync=2)
         # 7 = 14 / 2: the first batch of a pipeline is one epoch of its shard.
-        images, _ = next(iter(source.dataset("train", 7, context)))
+        images, _ = next(iter(pipeline.create_dataset(source, "train", 7, context)))
         shards.append({train_files[image.tobytes()] for image in images.numpy()})
-        val = np.concatenate([x.numpy() for x, _ in source.dataset("val", 3, context)])
+        val = np.concatenate([x.numpy()
+                              for x, _ in pipeline.create_dataset(source, "val", 3, context)])
         assert sorted(val_files[image.tobytes()] for image in val) == sorted(val_files.values())
     assert len(shards[0]) == len(shards[1]) == 7
     assert not shards[0] & shards[1]
@@ -97,13 +99,13 @@ def test_files_tensorflow_cannot_decode_are_left_out_by_name(image_dir, caplog):
     with open(cut, "wb") as f:  # header intact, body cut short
         f.write(jpeg[: len(jpeg) * 4 // 5])
     open(os.path.join(image_dir, "owls", ".hidden.jpg"), "wb").close()
-    paths, _, _ = data.list_image_folder(image_dir)
+    paths, _, _ = sources.list_image_folder(image_dir)
     assert len(paths) == 19  # the header checks pass the cut JPEG: TensorFlow judges it
     assert "Skipped 2 of 21" in caplog.text
-    source = data.create_data_source(folder_config(image_dir), seed=0)
+    source = sources.create_data_source(folder_config(image_dir), seed=0)
     val_files = [source.example_names["val"](k) for k in range(source.sizes["val"])]
-    val_images = sum(int(x.shape[0]) for x, _ in source.dataset("val", 1))
-    next(iter(source.dataset("train", 1)))  # the shuffle buffer reads a whole pass
+    val_images = sum(int(x.shape[0]) for x, _ in pipeline.create_dataset(source, "val", 1))
+    next(iter(pipeline.create_dataset(source, "train", 1)))  # the shuffle buffer reads a whole pass
     assert val_images == source.sizes["val"] - (cut in val_files)
     split = "val" if cut in val_files else "train"
     warning = f"Left out 1 of {source.sizes[split]} images that TensorFlow cannot decode"
@@ -113,25 +115,25 @@ def test_files_tensorflow_cannot_decode_are_left_out_by_name(image_dir, caplog):
 
 def test_folder_errors_name_the_flag(tmp_path):
     with pytest.raises(UserError, match="--image_dir"):
-        data.create_data_source(folder_config(str(tmp_path / "missing")), 0)
+        sources.create_data_source(folder_config(str(tmp_path / "missing")), 0)
     (tmp_path / "only" / "one").mkdir(parents=True)
     with pytest.raises(UserError, match="at least 2 class"):
-        data.create_data_source(folder_config(str(tmp_path / "only")), 0)
+        sources.create_data_source(folder_config(str(tmp_path / "only")), 0)
 
 
 def test_empty_validation_split_is_an_error(image_dir):
     with pytest.raises(UserError, match="--val_fraction"):
-        data.create_data_source(DataConfig(image_dir=image_dir, val_fraction=0.01), 0)
+        sources.create_data_source(DataConfig(image_dir=image_dir, val_fraction=0.01), 0)
 
 
 def test_tfds_source_on_mock_data(monkeypatch):
     # mock_data replaces the download; the offline check must not look up any host.
-    monkeypatch.setattr(data, "host_resolves", lambda url: True)
+    monkeypatch.setattr(sources, "host_resolves", lambda url: True)
     with tfds.testing.mock_data(num_examples=20):
-        source = data.create_data_source(DataConfig(dataset="tf_flowers", image_size=16), 0)
+        source = sources.create_data_source(DataConfig(dataset="tf_flowers", image_size=16), 0)
         assert source.class_names == ("dandelion", "daisy", "tulips", "sunflowers", "roses")
         assert source.sizes == {"train": 14, "val": 6}
-        val = list(source.dataset("val", 4))
+        val = list(pipeline.create_dataset(source, "val", 4))
     assert [images.shape[0] for images, _ in val] == [4, 2]
     assert all(images.dtype == tf.uint8 and images.shape[1:] == (16, 16, 3) for images, _ in val)
     assert all(0 <= label < 5 for label in np.concatenate([y.numpy() for _, y in val]))
@@ -139,21 +141,22 @@ def test_tfds_source_on_mock_data(monkeypatch):
 
 def test_unprepared_tfds_data_dir_names_the_way_out(tmp_path):
     with pytest.raises(UserError, match="--data_dir.*--image_dir"):
-        data.create_data_source(DataConfig(dataset="tf_flowers", data_dir=str(tmp_path)), 0)
+        sources.create_data_source(DataConfig(dataset="tf_flowers", data_dir=str(tmp_path)), 0)
 
 
 def test_synthetic_images_are_deterministic_and_balanced():
-    images, labels = data.synthetic_images(200, 16, seed=5)
-    again, _ = data.synthetic_images(200, 16, seed=5)
+    images, labels = sources.synthetic_images(200, 16, seed=5)
+    again, _ = sources.synthetic_images(200, 16, seed=5)
     assert images.dtype == np.uint8 and images.shape == (200, 16, 16, 3)
     assert np.array_equal(images, again)
-    assert set(labels) == set(range(data.SYNTHETIC_CLASSES))
-    source = data.create_data_source(DataConfig(dataset="synthetic", synthetic_examples=50, image_size=16), 0)
+    assert set(labels) == set(range(sources.SYNTHETIC_CLASSES))
+    source = sources.create_data_source(DataConfig(dataset="synthetic", synthetic_examples=50, image_size=16), 0)
     assert source.sizes == {"train": 35, "val": 15} and source.num_classes == 5
 
 
 def file_source(image_dir, cache_dir, **kw):
-    return data.create_data_source(folder_config(image_dir, cache="file", **kw), 0).with_cache(
+    return pipeline.choose_cache(
+        sources.create_data_source(folder_config(image_dir, cache="file", **kw), 0),
         cache_dir=str(cache_dir))
 
 
@@ -164,11 +167,12 @@ def entries(cache_dir):
 def test_file_cache_is_published_once_and_read_back_without_the_files(image_dir, tmp_path):
     cache_dir = tmp_path / "cache"
     first = file_source(image_dir, cache_dir)
-    val = [x.numpy() for x, _ in first.dataset("val", 4)]
+    val = [x.numpy() for x, _ in pipeline.create_dataset(first, "val", 4)]
     assert entries(cache_dir) == [f"val-{first.fingerprint}"]
     again = file_source(image_dir, cache_dir)
     shutil.move(image_dir, tmp_path / "gone")  # decoding is impossible now: only the cache can answer
-    assert all(np.array_equal(a, b) for a, b in zip(val, (x.numpy() for x, _ in again.dataset("val", 4))))
+    read_back = (x.numpy() for x, _ in pipeline.create_dataset(again, "val", 4))
+    assert all(np.array_equal(a, b) for a, b in zip(val, read_back))
     assert entries(cache_dir) == [f"val-{first.fingerprint}"]
 
 
@@ -176,7 +180,7 @@ def test_file_cache_changes_with_the_files_and_settings_and_keeps_no_stale_entry
     cache_dir = tmp_path / "cache"
 
     def val_images(source):
-        return sum(int(x.shape[0]) for x, _ in source.dataset("val", 2))
+        return sum(int(x.shape[0]) for x, _ in pipeline.create_dataset(source, "val", 2))
 
     before = file_source(image_dir, cache_dir)
     assert val_images(before) == 4
@@ -202,12 +206,12 @@ def test_file_cache_changes_with_the_files_and_settings_and_keeps_no_stale_entry
 def test_concurrent_writers_of_one_cache_each_write_their_own(image_dir, tmp_path):
     cache_dir = tmp_path / "cache"
     first, second = file_source(image_dir, cache_dir), file_source(image_dir, cache_dir)
-    slow = iter(first.dataset("val", 1))
+    slow = iter(pipeline.create_dataset(first, "val", 1))
     next(slow)  # first's pass is writing
     (writing,) = entries(cache_dir)
     assert ".tmp-" in writing and "cache_0.lockfile" in os.listdir(cache_dir / writing)
     # A new FileCache on the directory leaves a live writer's temporary alone.
-    assert sum(int(x.shape[0]) for x, _ in second.dataset("val", 4)) == 4
+    assert sum(int(x.shape[0]) for x, _ in pipeline.create_dataset(second, "val", 4)) == 4
     assert entries(cache_dir) == sorted([writing, f"val-{first.fingerprint}"])
     assert sum(1 for _ in slow) == 3  # first finishes its own pass; the published entry stays
     assert entries(cache_dir) == [f"val-{first.fingerprint}"]
@@ -217,10 +221,11 @@ WRITER_KILLED_MID_PASS = """
 import os, sys, time
 import numpy as np
 import tensorflow as tf
-from trainer import config as config_lib, data
+from trainer import config as config_lib
+from trainer.data import cache, pipeline, sources
 config = config_lib.from_json(open(sys.argv[1]).read())
-source = data.create_data_source(config.data, config.seed).with_cache(
-    cache_dir=os.path.join(config.workdir, data.WORKDIR_CACHE))
+source = pipeline.choose_cache(sources.create_data_source(config.data, config.seed),
+                              cache_dir=os.path.join(config.workdir, cache.WORKDIR_CACHE))
 
 def images():  # the trainer's cache entry for the training split, fed until it blocks
     for label in range(3):
@@ -229,8 +234,8 @@ def images():  # the trainer's cache entry for the training split, fed until it 
     time.sleep(600)
 
 spec = (tf.TensorSpec((16, 16, 3), tf.uint8), tf.TensorSpec((), tf.int64))
-batches = iter(source._cached(tf.data.Dataset.from_generator(images, output_signature=spec),
-                              "train", 0, 1))
+batches = iter(cache.cache_examples(tf.data.Dataset.from_generator(images, output_signature=spec),
+                                    source.cache, "train", source.fingerprint, 0, 1))
 for _ in batches:
     pass
 """
@@ -254,19 +259,20 @@ def test_a_run_recovers_from_a_cache_write_killed_mid_pass(image_dir, tmp_path):
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
-    cache_dir = tmp_path / "run" / data.WORKDIR_CACHE
+    cache_dir = tmp_path / "run" / cache.WORKDIR_CACHE
     (stale,) = entries(cache_dir)
     assert ".tmp-" in stale and "cache_0.lockfile" in os.listdir(cache_dir / stale)
 
     summary = train.train_and_evaluate(config)
     assert summary["epochs_completed"] == 1
-    source = data.create_data_source(config.data, 0).with_cache(cache_dir=str(cache_dir))
+    source = pipeline.choose_cache(sources.create_data_source(config.data, 0),
+                                   cache_dir=str(cache_dir))
     assert entries(cache_dir) == [f"train-0of1-{source.fingerprint}", f"val-{source.fingerprint}"]
 
 
 def test_preview_shows_training_images():
-    source = data.create_data_source(DataConfig(dataset="synthetic", synthetic_examples=20, image_size=16), 0)
-    preview = source.preview(8)
+    source = sources.create_data_source(DataConfig(dataset="synthetic", synthetic_examples=20, image_size=16), 0)
+    preview = pipeline.preview(source, 8)
     assert preview.shape == (8, 16, 16, 3) and preview.dtype == tf.uint8
 
 
@@ -276,10 +282,10 @@ def test_offline_download_fails_fast_naming_the_way_out(monkeypatch, tmp_path):
     def no_dns(*_):
         raise OSError("Name or service not known")
 
-    monkeypatch.setattr(data.socket, "getaddrinfo", no_dns)
-    assert not data.host_resolves("https://www.tensorflow.org/datasets")
+    monkeypatch.setattr(sources.socket, "getaddrinfo", no_dns)
+    assert not sources.host_resolves("https://www.tensorflow.org/datasets")
     with pytest.raises(UserError, match="looks offline.*--data_dir.*--image_dir"):
-        data.create_data_source(DataConfig(dataset="tf_flowers"), 0)
+        sources.create_data_source(DataConfig(dataset="tf_flowers"), 0)
 
 
 Memory = collections.namedtuple("Memory", "available")
@@ -289,10 +295,10 @@ DiskUsage = collections.namedtuple("DiskUsage", "total used free")
 @pytest.fixture
 def memory(monkeypatch, tmp_path):
     """Sets the available memory psutil reports (no container limit on top)."""
-    monkeypatch.setattr(data, "CGROUP_ROOT", str(tmp_path / "no cgroup"))
+    monkeypatch.setattr(cache, "CGROUP_ROOT", str(tmp_path / "no cgroup"))
 
     def set_available(available_bytes):
-        monkeypatch.setattr(data.psutil, "virtual_memory", lambda: Memory(available_bytes))
+        monkeypatch.setattr(cache.psutil, "virtual_memory", lambda: Memory(available_bytes))
     return set_available
 
 
@@ -302,21 +308,25 @@ def test_auto_cache_is_memory_when_the_images_fit_else_files_else_none(
     caplog.set_level("INFO", logger="absl")
     cache_dir = str(tmp_path / "cache")
     memory(10**9)
-    source = data.create_data_source(folder_config(image_dir), 0).with_cache(cache_dir=cache_dir)
+    source = pipeline.choose_cache(sources.create_data_source(folder_config(image_dir), 0),
+                                   cache_dir=cache_dir)
     assert source.cache.mode == "memory"
     assert "Cache: memory (--cache=auto: the decoded images take 0.014 MB; 50% of the " \
            "available memory is 500 MB)" in caplog.text
     memory(10_000)
-    source = data.create_data_source(folder_config(image_dir), 0).with_cache(cache_dir=cache_dir)
+    source = pipeline.choose_cache(sources.create_data_source(folder_config(image_dir), 0),
+                                   cache_dir=cache_dir)
     assert (source.cache.mode, source.cache.directory) == ("file", cache_dir)
     assert "50% of the available memory is 0.005 MB; 50% of the free disk space" in caplog.text
-    assert sum(int(x.shape[0]) for x, _ in source.dataset("val", 4)) == 4
+    assert sum(int(x.shape[0]) for x, _ in pipeline.create_dataset(source, "val", 4)) == 4
     assert entries(cache_dir) == [f"val-{source.fingerprint}"]
-    assert data.create_data_source(folder_config(image_dir), 0).with_cache().cache.mode == "none"  # no workdir
-    monkeypatch.setattr(data.shutil, "disk_usage", lambda path: DiskUsage(10**12, 10**12, 20_000))
-    source = data.create_data_source(folder_config(image_dir), 0).with_cache(cache_dir=cache_dir)
+    no_workdir = pipeline.choose_cache(sources.create_data_source(folder_config(image_dir), 0))
+    assert no_workdir.cache.mode == "none"
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: DiskUsage(10**12, 10**12, 20_000))
+    source = pipeline.choose_cache(sources.create_data_source(folder_config(image_dir), 0),
+                                   cache_dir=cache_dir)
     assert source.cache.mode == "none"
-    assert sum(int(x.shape[0]) for x, _ in source.dataset("val", 4)) == 4
+    assert sum(int(x.shape[0]) for x, _ in pipeline.create_dataset(source, "val", 4)) == 4
 
 
 def test_a_containers_memory_limit_counts_not_the_hosts(image_dir, tmp_path, memory, monkeypatch):
@@ -326,21 +336,21 @@ def test_a_containers_memory_limit_counts_not_the_hosts(image_dir, tmp_path, mem
     (cgroup / "memory.current").write_text("25000\n")
     (cgroup / "memory.stat").write_text("anon 20000\ninactive_file 1000\n")
     memory(10**12)
-    monkeypatch.setattr(data, "CGROUP_ROOT", str(cgroup))
-    assert data.available_memory_bytes() == 6000  # 30000 - 25000 + 1000 reclaimable
-    source = data.create_data_source(folder_config(image_dir), 0).with_cache(
-        cache_dir=str(tmp_path / "c"))
+    monkeypatch.setattr(cache, "CGROUP_ROOT", str(cgroup))
+    assert cache.available_memory_bytes() == 6000  # 30000 - 25000 + 1000 reclaimable
+    source = pipeline.choose_cache(sources.create_data_source(folder_config(image_dir), 0),
+                                   cache_dir=str(tmp_path / "c"))
     assert source.cache.mode == "file"
     (cgroup / "memory.max").write_text("max\n")
-    assert data.available_memory_bytes() == 10**12
+    assert cache.available_memory_bytes() == 10**12
 
 
 def test_explicit_memory_cache_too_large_is_an_error_before_any_decoding(
         image_dir, tmp_path, memory, monkeypatch, capsys):
     memory(10_000)
     decoded = []
-    real_decode = data.decode_image
-    monkeypatch.setattr(data, "decode_image",
+    real_decode = decode.decode_image
+    monkeypatch.setattr(decode, "decode_image",
                         lambda *args: decoded.append(args) or real_decode(*args))
     code, _, err = run_main([
         "--experiment=smoke", f"--image_dir={image_dir}", "--image_size=16", "--cache=memory",
@@ -351,7 +361,7 @@ def test_explicit_memory_cache_too_large_is_an_error_before_any_decoding(
            "is 0.005 MB, so they would not fit. Use --cache=file" in err
     assert "--cache=none" in err and "Traceback" not in err
     assert decoded == []  # not even a pipeline was built
-    assert not (tmp_path / "run" / data.WORKDIR_CACHE).exists()
+    assert not (tmp_path / "run" / cache.WORKDIR_CACHE).exists()
 
 
 @pytest.mark.parametrize("height, width, image_size, ratio", [
@@ -364,7 +374,7 @@ def test_explicit_memory_cache_too_large_is_an_error_before_any_decoding(
     (4000, 300, 64, 4),  # the short side decides: 75 x 1000
 ])
 def test_jpeg_ratio_is_the_largest_dct_scale_that_covers_the_input(height, width, image_size, ratio):
-    assert data.JPEG_RATIOS[int(data.jpeg_ratio_index(height, width, image_size))] == ratio
+    assert decode.JPEG_RATIOS[int(decode.jpeg_ratio_index(height, width, image_size))] == ratio
 
 
 def photo_jpeg(width, height, noise=4.0, seed=0):
@@ -383,16 +393,16 @@ def test_jpegs_are_decoded_at_the_scale_their_header_allows():
     _, jpeg = photo_jpeg(640, 480)
     for image_size, shape in ((60, (60, 80)), (100, (120, 160)), (200, (240, 320)),
                               (300, (480, 640))):
-        assert data.decode_jpeg_to_size(tf.constant(jpeg), image_size).shape == (*shape, 3)
+        assert decode.decode_jpeg_to_size(tf.constant(jpeg), image_size).shape == (*shape, 3)
     png = io.BytesIO()
     Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(png, "PNG")
-    assert data.decode_image(tf.constant(png.getvalue()), 16).shape == (16, 16, 3)
+    assert decode.decode_image(tf.constant(png.getvalue()), 16).shape == (16, 16, 3)
 
 
 def test_decoding_to_size_keeps_the_quality_of_a_full_decode():
     pixels, jpeg = photo_jpeg(1024, 768)
-    to_size = data.decode_image(tf.constant(jpeg), 96).numpy().astype(float)  # decoded at 1/8
-    full = data.resize(tf.io.decode_jpeg(jpeg, channels=3), 96).numpy().astype(float)
+    to_size = decode.decode_image(tf.constant(jpeg), 96).numpy().astype(float)  # decoded at 1/8
+    full = decode.resize(tf.io.decode_jpeg(jpeg, channels=3), 96).numpy().astype(float)
     # The pixels averaged over each output pixel's area: what a perfect downscale gives.
     truth = np.asarray(Image.fromarray(pixels).resize((96, 96), Image.BOX), float)
     assert np.abs(to_size - full).mean() < 3.0  # grey levels

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import data, distribute, models, train
+from trainer import distribute, models, train
 from trainer.config import DataConfig, ModelConfig, TrainConfig, UserError
+from trainer.data import pipeline, sources
 
 
 def tf_config(workers, index, task_type="worker"):
@@ -120,10 +121,10 @@ def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):
 def test_mirrored_over_two_cpus_splits_the_global_batch():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     assert strategy.num_replicas_in_sync == 2
-    source = data.create_data_source(DataConfig(dataset="synthetic", synthetic_examples=40, image_size=16), 0)
+    source = sources.create_data_source(DataConfig(dataset="synthetic", synthetic_examples=40, image_size=16), 0)
     global_batch = 8
-    dist = strategy.distribute_datasets_from_function(
-        lambda ctx: source.dataset("train", ctx.get_per_replica_batch_size(global_batch), ctx))
+    dist = strategy.distribute_datasets_from_function(lambda ctx: pipeline.create_dataset(
+        source, "train", ctx.get_per_replica_batch_size(global_batch), ctx))
     images, labels = next(iter(dist))
     per_replica = strategy.experimental_local_results(images)
     assert [x.shape[0] for x in per_replica] == [4, 4]

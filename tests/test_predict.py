@@ -14,8 +14,9 @@ from PIL import Image
 
 from trainer import config as config_lib
 from trainer import experiments
-from trainer import data, predict, train
+from trainer import predict, train
 from trainer.config import UserError
+from trainer.data import decode, sources
 
 from test_bad_input import MP4_VIDEO, SEF_TRAILER, jpeg_bytes
 
@@ -87,7 +88,7 @@ def test_top_k_are_the_models_probabilities_in_order(classifier, export_dir, pho
     serving = tf.saved_model.load(export_dir).signatures["serving_default"]
     for path, result in zip(files, results):
         assert result["file"] == path and "error" not in result
-        image = data.decode_image(tf.io.read_file(path), 16)
+        image = decode.decode_image(tf.io.read_file(path), 16)
         (expected,) = serving(image=image[None]).values()
         by_label = {p["label"]: p["probability"] for p in result["predictions"]}
         assert set(by_label) == set(CLASSES)
@@ -111,7 +112,7 @@ def test_bad_files_are_named_and_the_rest_still_predicted(classifier, photos, ba
     assert errors == {
         "empty.jpg": "empty file",
         "notes.png": "not an image (UnidentifiedImageError)",
-        "bomb.png": f"8000x8000 is more than {data.MAX_IMAGE_PIXELS} pixels",
+        "bomb.png": f"8000x8000 is more than {sources.MAX_IMAGE_PIXELS} pixels",
         "missing.jpg": "no such file",
     }
     assert results[1]["predictions"] == results[6]["predictions"]
@@ -160,7 +161,7 @@ def test_cli_json_includes_bad_files(export_dir, photos, bad_files):
     results = json.loads(result.stdout)
     assert [r["file"] for r in results] == files
     assert results[1] == {"file": files[1],
-                          "error": f"8000x8000 is more than {data.MAX_IMAGE_PIXELS} pixels"}
+                          "error": f"8000x8000 is more than {sources.MAX_IMAGE_PIXELS} pixels"}
     assert [len(r["predictions"]) for r in (results[0], results[2])] == [3, 3]  # capped at 3 classes
 
 

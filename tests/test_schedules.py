@@ -13,8 +13,9 @@ from tensorboard.backend.event_processing import event_accumulator
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
 from trainer import experiments
-from trainer import compare, data, schedules, train
+from trainer import compare, schedules, train
 from trainer.config import DataConfig, UserError
+from trainer.data import augment, decode, pipeline, sources
 
 # --- The schedule as numbers -------------------------------------------------
 
@@ -176,41 +177,41 @@ def test_resolution_is_chosen_from_the_images_area_unless_given():
 # --- The data pipeline: sizes, random resized crops, MixUp -----------------------
 
 def test_typical_image_size_reads_headers_of_folders_and_tfds(image_dir, monkeypatch):
-    source = data.create_data_source(DataConfig(image_dir=image_dir, val_fraction=0.25), 0)
+    source = sources.create_data_source(DataConfig(image_dir=image_dir, val_fraction=0.25), 0)
     assert source.typical_image_size() == (30, 40)  # conftest writes 40 wide, 30 high
-    synthetic = data.create_data_source(
+    synthetic = sources.create_data_source(
         DataConfig(dataset="synthetic", synthetic_examples=10, image_size=None), 0)
-    assert synthetic.typical_image_size() == (data.SYNTHETIC_IMAGE_SIZE,) * 2
-    monkeypatch.setattr(data, "host_resolves", lambda url: True)
+    assert synthetic.typical_image_size() == (sources.SYNTHETIC_IMAGE_SIZE,) * 2
+    monkeypatch.setattr(sources, "host_resolves", lambda url: True)
     with tfds.testing.mock_data(num_examples=10):
-        flowers = data.create_data_source(DataConfig(dataset="tf_flowers"), 0)
+        flowers = sources.create_data_source(DataConfig(dataset="tf_flowers"), 0)
         height, width = flowers.typical_image_size()
     assert height > 0 and width > 0
 
 
 def test_training_crops_come_from_the_resized_image_and_evaluation_only_resizes(image_dir,
                                                                                 tmp_path):
-    source = data.create_data_source(DataConfig(
+    source = sources.create_data_source(DataConfig(
         image_dir=image_dir, val_fraction=0.25, image_size=16, resize_size=20,
         augment="resize_crop", cache="none"), 0)
     encoded = [x for x, _ in source.examples["train"]().as_numpy_iterator()]
-    stored = [data.decode_image(x, 20).numpy() for x in encoded]
+    stored = [decode.decode_image(x, 20).numpy() for x in encoded]
     windows = [w for image in stored for top in range(5) for left in range(5)
                for w in (image[top:top + 16, left:left + 16],
                          image[top:top + 16, left:left + 16][:, ::-1])]
-    images, _ = next(iter(source.dataset("train", 14)))
+    images, _ = next(iter(pipeline.create_dataset(source, "train", 14)))
     assert images.shape == (14, 16, 16, 3)
     for image in images.numpy():
         assert any(np.array_equal(image, w) for w in windows)
-    val_images, _ = next(iter(source.dataset("val", 4)))
-    expected = [data.decode_image(x, 16).numpy()
+    val_images, _ = next(iter(pipeline.create_dataset(source, "val", 4)))
+    expected = [decode.decode_image(x, 16).numpy()
                 for x, _ in source.examples["val"]().as_numpy_iterator()]
     np.testing.assert_array_equal(val_images.numpy(), np.stack(expected))
     # Training images are stored (and cached) at 20 px: another size is another cache.
-    other = data.create_data_source(DataConfig(
+    other = sources.create_data_source(DataConfig(
         image_dir=image_dir, val_fraction=0.25, image_size=16, resize_size=24,
         augment="resize_crop", cache=str(tmp_path / "c")), 0)
-    same = data.create_data_source(DataConfig(
+    same = sources.create_data_source(DataConfig(
         image_dir=image_dir, val_fraction=0.25, image_size=16, resize_size=20,
         augment="resize_crop", cache=str(tmp_path / "c")), 0)
     assert other.fingerprint != same.fingerprint
@@ -223,7 +224,7 @@ def test_mixup_mixes_images_and_labels_with_one_weight_per_batch():
     labels = tf.one_hot(tf.range(batch), batch)  # each example its own class
     mixed_pairs = 0
     for _ in range(5):
-        mixed_images, mixed_labels = data.mixup(images, labels, alpha=1.0)
+        mixed_images, mixed_labels = augment.mixup(images, labels, alpha=1.0)
         mixed_labels = mixed_labels.numpy()
         np.testing.assert_allclose(mixed_labels.sum(axis=1), 1.0, rtol=1e-6)
         weights = set()
@@ -244,9 +245,9 @@ def test_mixup_mixes_images_and_labels_with_one_weight_per_batch():
 
 def test_mixup_turns_labels_one_hot_for_every_split_and_leaves_them_alone_when_off(image_dir):
     def batches(alpha):
-        source = data.create_data_source(DataConfig(
+        source = sources.create_data_source(DataConfig(
             image_dir=image_dir, val_fraction=0.25, image_size=16, mixup_alpha=alpha), 0)
-        return next(iter(source.dataset("train", 8))), next(iter(source.dataset("val", 4)))
+        return next(iter(pipeline.create_dataset(source, "train", 8))), next(iter(pipeline.create_dataset(source, "val", 4)))
 
     (_, train_labels), (_, val_labels) = batches(0.0)
     assert train_labels.dtype == tf.int64 and val_labels.dtype == tf.int64

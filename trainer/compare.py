@@ -30,8 +30,8 @@ from tensorboard.plugins.hparams import api as hp
 from trainer import backbones
 from trainer.cli import fail, parse_flags
 from trainer.config import UserError
-from trainer.workdir import (CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, read_history, summarize,
-                             write_atomically)
+from trainer.files import write_atomically
+from trainer.workdir import CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, read_history, summarize
 
 RUN_FILES = (CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE)
 COLUMNS = (

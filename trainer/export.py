@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import tensorflow as tf
 import tf_keras as keras
 from absl import logging
 
-from trainer.workdir import publish_directory, write_atomically
+from trainer import files
 
 EXPORT_DIR = "export"
 BACKBONE_EXPORT_DIR = "export_backbone"
@@ -24,14 +22,9 @@ def export_model(model: keras.Model, class_names: tuple[str, ...], workdir: str,
     Every worker saves (the save may run collectives); only the chief's copy is
     kept. The new export replaces the old one by rename, never half-written.
     """
-    target = os.path.join(workdir, EXPORT_DIR)
-    staging = f"{target}.tmp-{os.getpid()}" if chief else tempfile.mkdtemp()
-    model.save(staging, save_format="tf", include_optimizer=False)
-    if not chief:
-        shutil.rmtree(staging, ignore_errors=True)
-        return
-    write_atomically(os.path.join(staging, LABELS_FILE), "\n".join(class_names) + "\n")
-    publish_directory(staging, target)
+    with files.staged_directory(os.path.join(workdir, EXPORT_DIR), keep=chief) as staging:
+        model.save(staging, save_format="tf", include_optimizer=False)
+        files.write_atomically(os.path.join(staging, LABELS_FILE), "\n".join(class_names) + "\n")
 
 
 def feature_vector(preprocess: keras.layers.Layer, backbone: keras.layers.Layer) -> tf.train.Checkpoint:
@@ -81,21 +74,19 @@ def export_backbone(model: keras.Model, image_size: int, workdir: str, chief: bo
     """
     preprocess, backbone = model.get_layer("preprocess"), model.get_layer("backbone")
     target = os.path.join(workdir, BACKBONE_EXPORT_DIR)
-    staging = f"{target}.tmp-{os.getpid()}" if chief else tempfile.mkdtemp()
     # Frozen in this run or not, the export offers its weights for fine-tuning
     # (hub.KerasLayer(trainable=False) still freezes them).
     was_trainable = backbone.trainable
     backbone.trainable = True
     try:
         reusable = feature_vector(preprocess, backbone)
-        tf.saved_model.save(reusable, staging, signatures=reusable.__call__.get_concrete_function(
-            tf.TensorSpec([None, None, None, 3], tf.float32, name="images")))
+        with files.staged_directory(target, keep=chief) as staging:
+            signature = reusable.__call__.get_concrete_function(
+                tf.TensorSpec([None, None, None, 3], tf.float32, name="images"))
+            tf.saved_model.save(reusable, staging, signatures=signature)
     finally:
         backbone.trainable = was_trainable
-    if not chief:
-        shutil.rmtree(staging, ignore_errors=True)
-        return
-    publish_directory(staging, target)
-    logging.info("Backbone exported to %s (float32 [0, 1] images, trained at %d px -> %d "
-                 "features); reuse it with --backbone=hub --hub_handle=%s.", target, image_size,
-                 backbone.output_shape[-1], target)
+    if chief:
+        logging.info("Backbone exported to %s (float32 [0, 1] images, trained at %d px -> %d "
+                     "features); reuse it with --backbone=hub --hub_handle=%s.", target,
+                     image_size, backbone.output_shape[-1], target)

@@ -5,8 +5,8 @@
 
 Reads the serving SavedModel and labels.txt that a run writes to workdir/export.
 Files go through training's own checks and decoder: the header check
-(trainer.data.check_image_file: empty files, non-images, unsupported formats,
-decompression bombs), then TensorFlow's decoder (trainer.data.decode_image),
+(trainer.data.sources.check_image_file: empty files, non-images, unsupported formats,
+decompression bombs), then TensorFlow's decoder (trainer.data.decode.decode_image),
 which judges the rest (data after a JPEG's end is fine, a cut file is not). A
 bad file is reported by name and the others are still predicted. Exit code 1
 when any file failed, 2 for a usage error (the model or the arguments).
@@ -26,7 +26,8 @@ from absl import app, flags
 
 from trainer.cli import fail, parse_flags
 from trainer.config import UserError
-from trainer.data import IMAGE_EXTENSIONS, check_image_file, decode_image
+from trainer.data.decode import decode_image
+from trainer.data.sources import IMAGE_EXTENSIONS, check_image_file
 from trainer.export import LABELS_FILE
 
 BATCH_SIZE = 32  # images per call of the model

@@ -21,9 +21,10 @@ from absl import logging
 
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
-from trainer import backbones, data, distribute, export, models, schedules, sigterm
+from trainer import backbones, distribute, export, models, schedules, sigterm
 from trainer import workdir as workdir_lib
 from trainer.config import Config, UserError
+from trainer.data import cache, pipeline, sources
 
 PREVIEW_IMAGES = 8  # input images shown in TensorBoard
 
@@ -60,7 +61,7 @@ def create_optimizer(
     return keras.optimizers.Adam(rate)
 
 
-def choose_from_data(config: Config, source: data.DataSource) -> Config:
+def choose_from_data(config: Config, source: sources.DataSource) -> Config:
     """Fills the values `config` leaves to the data (None there), as BiT-HyperRule does.
 
     The image size by the images' area, the resize size by BiT's ratio for that
@@ -112,7 +113,7 @@ def create_schedule(config: Config, num_train_examples: int,
     """
     train = config.train
     if train.schedule != "bit_hyperrule":
-        return data.steps_per_epoch(num_train_examples, config.data.global_batch_size), None
+        return pipeline.steps_per_epoch(num_train_examples, config.data.global_batch_size), None
     schedule = schedules.HyperRuleSchedule(
         schedules.supports(num_train_examples, train.total_steps), train.learning_rate)
     steps_per_epoch = train.total_steps // train.epochs
@@ -143,13 +144,13 @@ def per_replica_batch_size(global_batch_size: int, strategy: tf.distribute.Strat
     return global_batch_size // replicas
 
 
-def distributed_dataset(source: data.DataSource, split: str, strategy: tf.distribute.Strategy,
+def distributed_dataset(source: sources.DataSource, split: str, strategy: tf.distribute.Strategy,
                         global_batch_size: int) -> tf.distribute.DistributedDataset:
     """Returns the input of `split` as fit reads it: one pipeline per worker, each told its
     shard by the strategy, batched per replica."""
     batch_size = per_replica_batch_size(global_batch_size, strategy)
     return strategy.distribute_datasets_from_function(
-        lambda ctx: source.dataset(split, batch_size, ctx))
+        lambda ctx: pipeline.create_dataset(source, split, batch_size, ctx))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,21 +188,22 @@ def choose_compute(config: Config, strategy: tf.distribute.Strategy,
 
 
 def prepare_data(config: Config, cache_dir: str | None = None, input_pipelines: int = 1,
-                 ) -> tuple[Config, data.DataSource, int, schedules.HyperRuleSchedule | None]:
+                 ) -> tuple[Config, sources.DataSource, int, schedules.HyperRuleSchedule | None]:
     """Creates the run's data source and makes the choices that depend on the data.
 
     Args:
       config: the run's configuration.
-      cache_dir: the run's directory for file caches (see DataSource.with_cache).
+      cache_dir: the run's directory for file caches (see pipeline.choose_cache).
       input_pipelines: workers reading the data.
 
     Returns:
       (config with the data's choices filled in, data source with its cache
       decided, steps per epoch, learning-rate schedule or None for the constant rate).
     """
-    source = data.create_data_source(config.data, config.seed)
+    source = sources.create_data_source(config.data, config.seed)
     config = choose_from_data(config, source)
-    source = dataclasses.replace(source, config=config.data).with_cache(cache_dir, input_pipelines)
+    source = pipeline.choose_cache(dataclasses.replace(source, config=config.data), cache_dir,
+                                   input_pipelines)
     steps_per_epoch, schedule = create_schedule(config, source.sizes["train"])
     return config, source, steps_per_epoch, schedule
 
@@ -269,7 +271,7 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
 
     backbones.spec(config.model.backbone).check_source(config.model)  # before a long data download
     config, source, steps_per_epoch, schedule = prepare_data(
-        config, cache_dir=os.path.join(workdir, data.WORKDIR_CACHE),
+        config, cache_dir=os.path.join(workdir, cache.WORKDIR_CACHE),
         input_pipelines=distribute.num_workers(strategy))
     num_train = source.sizes["train"]
     logging.info("Data: %d classes, %d training and %d validation examples, %d steps per epoch.",
@@ -288,7 +290,8 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
         # What the run computes in and compiles with, not what was asked for ("auto").
         hparams = {**config_lib.flatten(config), "precision": compute.precision,
                    "jit_compile": compute.jit_compile}
-        callbacks_lib.write_run_summaries(workdir, hparams, source.preview(PREVIEW_IMAGES))
+        callbacks_lib.write_run_summaries(workdir, hparams,
+                                          pipeline.preview(source, PREVIEW_IMAGES))
 
     started = time.time()
     earlier_epochs = workdir_lib.read_history(os.path.join(workdir, workdir_lib.HISTORY_FILE))
@@ -301,7 +304,7 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
     validation_steps = None
     if not isinstance(val_ds, tf.data.Dataset):
         # Keras needs a step count for distributed input (any strategy but the default).
-        # Every worker reads the whole validation split (see DataSource.dataset): count
+        # Every worker reads the whole validation split (see pipeline.create_dataset): count
         # its batches.
         local_replicas = replicas // distribute.num_workers(strategy)
         validation_steps = math.ceil(

@@ -1,9 +1,10 @@
-"""A run's directory: its lock, atomic writes, stale temporaries, config, history, best checkpoint, summary.
+"""A run's directory: its lock, config, history, best checkpoint and summary.
 
-Everything a run keeps lives under its workdir. Files are written under a
-temporary name (`NAME.tmp-PID`) and renamed, so a reader sees the old or the new
-version, never half of one; what a killed run left is removed under the lock by
-the next run. An flock keeps a second live run out and dies with its holder.
+Everything a run keeps lives under its workdir, written by trainer/files.py's
+write-then-rename and stage-then-publish, so a reader sees the old or the new
+version, never half of one. The workdir's lock (an flock, which dies with its
+holder) keeps a second live run out; under it, the next run removes what a
+killed one left.
 
 history.csv is the run's record: the best epoch and the epochs without gain
 (early stopping) are read from it, so they survive any number of resumes, and
@@ -14,22 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import io
 import json
 import math
 import os
-import re
-import shutil
-import socket
 import statistics
-import tempfile
-import time
 from typing import Any, Iterator
 
 from absl import logging
 
 from trainer import config as config_lib
+from trainer import files
 from trainer.config import Config, UserError
 
 CONFIG_FILE = "config.json"
@@ -40,7 +36,6 @@ CHECKPOINTS_DIR = "checkpoints"
 BEST_CHECKPOINT = os.path.join(CHECKPOINTS_DIR, "best")  # a directory, published by rename
 BEST_WEIGHTS = "weights"  # checkpoint prefix inside BEST_CHECKPOINT
 BEST_EPOCH_FILE = "epoch.json"  # inside BEST_CHECKPOINT: which epoch its weights are
-LOCK_FILE = ".lock"
 MONITOR = "val_accuracy"  # the history column that decides the best epoch (higher is better)
 
 
@@ -48,76 +43,31 @@ MONITOR = "val_accuracy"  # the history column that decides the best epoch (high
 def locked(workdir: str, chief: bool) -> Iterator[None]:
     """Creates the workdir and, on the chief, holds its lock for the whole run.
 
-    The lock is an flock, which the kernel drops when its process dies: a killed
-    run never leaves a stale lock, and a live one keeps a second run out.
+    The lock is an flock (files.directory_lock), which the kernel drops when its
+    process dies: a killed run never leaves a stale lock, and a live one keeps a
+    second run out. Its holder is the only writer of the workdir's temporaries.
 
     Raises:
       UserError: the workdir is not writable, or another live run holds it.
     """
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        lock = open(os.path.join(workdir, LOCK_FILE), "a+") if chief else None
-    except OSError as e:
-        raise UserError(f"--workdir={workdir} is not writable ({e.strerror}).") from None
-    if lock is None:
-        yield
-        return
-    try:
+    with contextlib.ExitStack() as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise UserError(
-                f"--workdir={workdir} is in use by another run ({lock.read().strip()}); let it "
-                "finish or stop it, or use another --workdir.") from None
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
-        lock.flush()
+            os.makedirs(workdir, exist_ok=True)
+            if chief:
+                lock.enter_context(files.directory_lock(workdir, blocking=False))
+        except files.Held as held:
+            raise UserError(f"--workdir={workdir} is in use by another run ({held}); let it "
+                            "finish or stop it, or use another --workdir.") from None
+        except OSError as e:
+            raise UserError(f"--workdir={workdir} is not writable ({e.strerror}).") from None
         yield
-    finally:
-        lock.close()  # releases the flock
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Writes a file under a temporary name, then renames it: readers see old or new, never half."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def publish_directory(staging: str, target: str) -> None:
-    """Replaces directory `target` by `staging` with renames: never seen half-written."""
-    old = f"{target}.old-{os.getpid()}"
-    if os.path.exists(target):
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_temporaries(workdir: str) -> None:
-    """Cleans up after a killed run's write-then-rename (`NAME.tmp-PID`, `NAME.old-PID`).
-
-    Temporaries are removed. A `NAME.old-PID` whose `NAME` is missing was the
-    published version when `publish_directory` was killed between its two
-    renames: it is put back. Call under the lock: no other writer is alive.
-    """
+    """Removes what a killed run left in the workdir and its checkpoints/ (see
+    files.remove_stale_temporaries). Call under `locked`."""
     for directory in (workdir, os.path.join(workdir, CHECKPOINTS_DIR)):
-        if not os.path.isdir(directory):
-            continue
-        for name in sorted(os.listdir(directory)):
-            match = re.fullmatch(r"(.+)\.(tmp|old)-\d+", name)
-            if not match:
-                continue
-            path, published = os.path.join(directory, name), os.path.join(directory, match[1])
-            if match[2] == "old" and not os.path.exists(published):
-                logging.info("Restoring %s from %s, left by an interrupted run.", published, path)
-                os.replace(path, published)
-                continue
-            logging.info("Removing %s, left by an interrupted run.", path)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        files.remove_stale_temporaries(directory)
 
 
 # Settings that may change between attempts at one run (its resumes): they change
@@ -187,7 +137,7 @@ def write_history_row(path: str, epoch: int, values: dict[str, Any]) -> None:
     writer = csv.DictWriter(out, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-    write_atomically(path, out.getvalue())
+    files.write_atomically(path, out.getvalue())
 
 
 def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -237,16 +187,10 @@ def write_best_checkpoint(model: Any, workdir: str, epoch: int, value: float, ch
       value: that epoch's MONITOR value.
       chief: whether this process keeps the checkpoint.
     """
-    target = os.path.join(workdir, BEST_CHECKPOINT)
-    staging = f"{target}.tmp-{os.getpid()}" if chief else tempfile.mkdtemp()
-    os.makedirs(staging, exist_ok=True)
-    model.save_weights(os.path.join(staging, BEST_WEIGHTS))
-    if not chief:
-        shutil.rmtree(staging, ignore_errors=True)
-        return
-    write_atomically(os.path.join(staging, BEST_EPOCH_FILE),
-                     json.dumps({"epoch": epoch, MONITOR: value}) + "\n")
-    publish_directory(staging, target)
+    with files.staged_directory(os.path.join(workdir, BEST_CHECKPOINT), keep=chief) as staging:
+        model.save_weights(os.path.join(staging, BEST_WEIGHTS))
+        files.write_atomically(os.path.join(staging, BEST_EPOCH_FILE),
+                               json.dumps({"epoch": epoch, MONITOR: value}) + "\n")
 
 
 def read_best_checkpoint_epoch(workdir: str) -> dict[str, Any] | None:
@@ -336,7 +280,8 @@ def prepare(config: Config, chief: bool) -> dict[str, Any] | None:
             logging.info("%s since the last attempt (a setting that may change between "
                          "attempts: it does not change what an epoch computes).", change)
     if chief and previous != config:
-        write_atomically(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config) + "\n")
+        files.write_atomically(os.path.join(workdir, CONFIG_FILE),
+                               config_lib.to_json(config) + "\n")
     return None
 
 
@@ -351,4 +296,5 @@ def read_summary(workdir: str) -> dict[str, Any] | None:
 
 def write_summary(workdir: str, summary: dict[str, Any]) -> None:
     """Writes summary.json, the last file of a run: its presence marks the run finished."""
-    write_atomically(os.path.join(workdir, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
+    files.write_atomically(os.path.join(workdir, SUMMARY_FILE),
+                           json.dumps(summary, indent=2) + "\n")

@@ -22,11 +22,11 @@ import tf_keras as keras
 from absl import logging
 
 from trainer import config as config_lib
-from trainer import data
 from trainer.bench import report as report_lib
 from trainer.bench import scenarios as scenarios_lib
 from trainer.bench import timing
 from trainer.config import Config, UserError
+from trainer.data import pipeline, sources
 
 BENCH_FILE = "bench.json"
 
@@ -74,9 +74,9 @@ class Settings:
              f"--batch_size={self.batch_size}."),
             # Then the trainer's first step reads the whole split into its cache
             # (its shuffle buffer fills first), and every later turn reads the cache.
-            (training.train_images < data.SHUFFLE_BUFFER,
+            (training.train_images < pipeline.SHUFFLE_BUFFER,
              f"--images={training.train_images} is more than the trainer's shuffle buffer "
-             f"({data.SHUFFLE_BUFFER} images); use fewer."),
+             f"({pipeline.SHUFFLE_BUFFER} images); use fewer."),
             (self.train_steps >= 1, f"--train_steps must be at least 1, got {self.train_steps}."),
             (self.round_steps >= 1 and self.train_steps % self.round_steps == 0,
              f"--round_steps={self.round_steps} must divide --train_steps={self.train_steps}."),
@@ -124,7 +124,7 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
             logging.info("Scenario %s: writing or linking %d images.", scenario.name,
                          scenario.train_images + 1)
             folder = scenarios_lib.prepare(scenario, given.data.image_dir, workdir, given.seed)
-            paths, _, _ = data.list_image_folder(folder)
+            paths, _, _ = sources.list_image_folder(folder)
             files[scenario.name] = {"files": len(paths),
                                     "mean_file_bytes": scenarios_lib.read_files(paths) / len(paths)}
             configs[scenario.name] = trainer_config(settings, scenario, folder, len(paths))
@@ -157,7 +157,7 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
 
         logging.info("Epoch time for %d and %d training images.",
                      settings.epoch_images, 2 * settings.epoch_images)
-        paths, _, _ = data.list_image_folder(config.data.image_dir)
+        paths, _, _ = sources.list_image_folder(config.data.image_dir)
         report["epochs"] = timing.time_epochs(
             trainer, config, paths, (settings.epoch_images, 2 * settings.epoch_images), workdir)
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import tensorflow as tf
 import tf_keras as keras
 
-from trainer import backbones, data, distribute
+from trainer import backbones, distribute
 from trainer import train as train_lib
 from trainer.config import Config
+from trainer.data import decode
 
 # The recipe's compute settings, for the sides built from the trainer's own model.
 REFERENCE_COMPUTE = train_lib.Compute(
@@ -55,7 +56,7 @@ def dataset(examples: tf.data.Dataset, image_size: int, batch_size: int,
 
     def format_image(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         if dtype == tf.uint8:
-            return data.resize(image, image_size), label
+            return decode.resize(image, image_size), label
         return tf.image.resize(image, (image_size, image_size)) / 255.0, label
 
     return images.map(format_image).batch(batch_size).prefetch(1)

@@ -23,10 +23,11 @@ import tf_keras as keras
 from absl import logging
 
 from trainer import config as config_lib
-from trainer import data, distribute
+from trainer import distribute
 from trainer import train as train_lib
 from trainer.bench import reference, scenarios
 from trainer.config import Config
+from trainer.data import pipeline, sources
 
 INPUT_REPEATS = 3  # interleaved first and later epochs of each input pipeline
 CACHED_EPOCHS = 3  # epochs read from the trainer's cache per repeat; each takes milliseconds
@@ -102,13 +103,13 @@ def time_input(config: Config) -> dict[str, Any]:
     config, source, _, _ = train_lib.prepare_data(config)
     size, batch = config.data.image_size, config.data.global_batch_size
     train_images = source.sizes["train"]
-    steps = data.steps_per_epoch(train_images, batch)
+    steps = pipeline.steps_per_epoch(train_images, batch)
     recipe = reference.dataset(source.examples["train"](), size, batch)
     runs = {key: Runs() for key in ("reference_first", "trainer_first", "reference_later",
                                     "trainer_cached")}
     bytes_per_image = {}
     for repeat in range(INPUT_REPEATS):
-        trainer_batches = iter(source.dataset("train", batch))
+        trainer_batches = iter(pipeline.create_dataset(source, "train", batch))
         # In the order a run meets them; the trainer's first epoch fills its cache.
         images, num_bytes, seconds = read_epoch(recipe)
         runs["reference_first"].add(images, seconds)
@@ -205,7 +206,7 @@ def create_side(name: str, config: Config) -> Side:
         return Side(name, model, dataset, compute, type(strategy).__name__.lstrip("_"),
                     strategy.num_replicas_in_sync,
                     images_per_call=batch * compute.steps_per_execution)
-    source = data.create_data_source(config.data, config.seed)
+    source = sources.create_data_source(config.data, config.seed)
     if name == "reference":
         model = reference.create_model(config, source.num_classes)
         dtype = reference.input_dtype(config.model.backbone)

@@ -1,0 +1,344 @@
+"""What a dataset is and where it comes from: image folders, TFDS or synthetic images.
+
+A DataSource splits its examples into train and validation once (seeded) and
+makes each split's unbatched (image, label) examples on demand: encoded bytes
+for folders and TFDS (decoded later, after sharding: see decode.py), uint8
+images for synthetic data. It also says what the examples are (`contents`),
+which names the file caches, and how to name an example in the log.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+import os
+import socket
+import urllib.parse
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from PIL import Image
+
+from trainer.config import DataConfig, UserError
+from trainer.data.cache import CachePlan, fingerprint
+from trainer.data.decode import LOGGED_NAMES
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# Formats TensorFlow's decode_image reads (MPO: multi-picture JPEG from cameras).
+DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP")
+# Decompression-bomb cap: a header announcing more pixels than this is skipped
+# before anything is decoded (about 7,000 x 7,000).
+MAX_IMAGE_PIXELS = 50_000_000
+SYNTHETIC_CLASSES = 5
+SYNTHETIC_IMAGE_SIZE = 224  # pixels: synthetic images when --image_size is left to a rule
+SIZE_SAMPLE = 100  # training images whose headers give the dataset's typical size
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """A dataset split into train and validation, ready to become pipelines (pipeline.py).
+
+    `examples[split]` makes the split's unbatched (image, label) dataset: encoded
+    image bytes when `encoded`, else uint8 images already at their size.
+    """
+
+    config: DataConfig
+    seed: int
+    class_names: tuple[str, ...]
+    sizes: dict[str, int]  # examples per split: "train", "val"
+    examples: dict[str, Callable[[], tf.data.Dataset]]
+    encoded: bool
+    # What the examples are (files, sizes, mtimes; JSON-able): with the settings
+    # that change cached images, it names file caches (see `fingerprint`).
+    contents: Any
+    # Name of the split's i-th example (a file path, or its index), for the log.
+    example_names: dict[str, Callable[[int], str]]
+    # Where the pipeline keeps the decoded images: decided by pipeline.choose_cache.
+    cache: CachePlan = CachePlan("memory")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the examples and of every setting that changes the cached images."""
+        return fingerprint(self.config, self.seed, self.contents)
+
+    def typical_image_size(self) -> tuple[int, int]:
+        """(height, width) of the median-area image among the first training examples.
+
+        Encoded images are measured from their headers (nothing is decoded), up
+        to SIZE_SAMPLE of them; synthetic images all have their generated size.
+        """
+        if not self.encoded:
+            height, width = self.examples["train"]().element_spec[0].shape[:2]
+            return int(height), int(width)
+        sizes = []
+        for encoded, _ in self.examples["train"]().take(SIZE_SAMPLE).as_numpy_iterator():
+            try:
+                with Image.open(io.BytesIO(encoded)) as image:
+                    sizes.append((image.height, image.width))
+            except Exception:  # PIL raises many types; the pipeline skips such files too
+                continue
+        if not sizes:
+            raise UserError("None of the first training images could be read to measure their "
+                            "size; pass --image_size (and --resize_size).")
+        return sorted(sizes, key=lambda hw: hw[0] * hw[1])[len(sizes) // 2]
+
+
+def create_data_source(config: DataConfig, seed: int) -> DataSource:
+    """Resolves the data the config names: an image folder, synthetic, or TFDS.
+
+    Its cache is decided by `pipeline.choose_cache` (memory until then), once
+    the sizes the images are stored at are known.
+
+    Raises:
+      UserError: the data cannot be found or read; names the flag to fix.
+    """
+    if config.image_dir:
+        return _image_folder_source(config, seed)
+    if config.dataset == "synthetic":
+        return _synthetic_source(config, seed)
+    return _tfds_source(config, seed)
+
+
+def split_sizes(num_examples: int, val_fraction: float, what: str) -> tuple[int, int]:
+    """Returns (train, val) counts; raises UserError when either would be empty."""
+    num_val = round(num_examples * val_fraction)
+    num_train = num_examples - num_val
+    if num_val == 0 or num_train == 0:
+        raise UserError(
+            f"{what} has {num_examples} usable examples: --val_fraction={val_fraction} "
+            f"leaves {num_train} for training and {num_val} for validation. "
+            "Add images or change --val_fraction."
+        )
+    return num_train, num_val
+
+
+def check_image_file(path: str) -> str | None:
+    """Returns why the file cannot be an image TensorFlow reads safely, or None.
+
+    Reads only the header: empty files, non-images, formats TensorFlow does not
+    decode and decompression bombs are caught without decoding anything.
+    Whether the rest of the file decodes is TensorFlow's decoder's call (data
+    after a JPEG's end, as phones append, is fine; see decode.decode_examples).
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as image:
+            kind, (width, height) = image.format, image.size
+    except Image.DecompressionBombError:
+        return f"more than {MAX_IMAGE_PIXELS} pixels"
+    except Exception as e:  # PIL raises many types for unreadable files
+        return f"not an image ({type(e).__name__})"
+    if kind not in DECODABLE_FORMATS:
+        return f"{kind} format is not supported"
+    if width * height > MAX_IMAGE_PIXELS:
+        return f"{width}x{height} is more than {MAX_IMAGE_PIXELS} pixels"
+    return None
+
+
+def list_image_folder(image_dir: str) -> tuple[list[str], list[int], list[str]]:
+    """Lists usable images under one sub-folder per class, sorted.
+
+    Returns:
+      (paths, labels, class_names). Hidden files, other extensions and files
+      that fail `check_image_file` are left out; the latter with a count in the log.
+    """
+    if not os.path.isdir(image_dir):
+        raise UserError(f"--image_dir={image_dir} is not a directory.")
+    class_names, paths, labels, skipped = [], [], [], []
+    for name in sorted(os.listdir(image_dir)):
+        class_dir = os.path.join(image_dir, name)
+        if name.startswith(".") or not os.path.isdir(class_dir):
+            continue
+        files = [
+            os.path.join(class_dir, f)
+            for f in sorted(os.listdir(class_dir))
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+        good = []
+        for path in files:
+            reason = check_image_file(path)
+            (skipped.append((path, reason)) if reason else good.append(path))
+        if not good:
+            logging.warning("Class folder %s has no usable images; it is left out.", class_dir)
+            continue
+        paths += good
+        labels += [len(class_names)] * len(good)
+        class_names.append(name)
+    if skipped:
+        logging.warning(
+            "Skipped %d of %d image files that cannot be read; first ones: %s",
+            len(skipped), len(skipped) + len(paths),
+            "; ".join(f"{p} ({r})" for p, r in skipped[:LOGGED_NAMES]),
+        )
+    if len(class_names) < 2:
+        raise UserError(
+            f"--image_dir={image_dir} must hold at least 2 class sub-folders with images "
+            f"({IMAGE_EXTENSIONS}); found {len(class_names)}: {class_names}."
+        )
+    return paths, labels, class_names
+
+
+def _image_folder_source(config: DataConfig, seed: int) -> DataSource:
+    paths, labels, class_names = list_image_folder(config.image_dir)
+    num_train, num_val = split_sizes(len(paths), config.val_fraction, f"--image_dir={config.image_dir}")
+    order = np.random.default_rng(seed).permutation(len(paths))
+    paths_arr, labels_arr = np.array(paths)[order], np.array(labels, np.int64)[order]
+
+    def examples(start: int, stop: int) -> Callable[[], tf.data.Dataset]:
+        def make() -> tf.data.Dataset:
+            files = tf.data.Dataset.from_tensor_slices((paths_arr[start:stop], labels_arr[start:stop]))
+            return files.map(lambda path, label: (tf.io.read_file(path), label),
+                             num_parallel_calls=tf.data.AUTOTUNE)
+        return make
+
+    def files(path: str, label: int) -> list[Any]:
+        stat = os.stat(path)
+        return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns, label]
+
+    return DataSource(
+        config=config, seed=seed, class_names=tuple(class_names),
+        sizes={"train": num_train, "val": num_val},
+        examples={"train": examples(0, num_train), "val": examples(num_train, len(paths))},
+        encoded=True,
+        contents=[class_names, *map(files, paths, labels)],
+        example_names={"train": lambda k: str(paths_arr[k]),
+                       "val": lambda k: str(paths_arr[num_train + k])},
+    )
+
+
+def synthetic_images(num_examples: int, image_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Procedural, learnable images: the class sets the stripes' angle and tint.
+
+    Returns:
+      (uint8 images [n, size, size, 3], int64 labels [n]); phase, frequency and
+      noise vary per image, so a model must learn orientation, not memorise pixels.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, SYNTHETIC_CLASSES, num_examples)
+    angle = labels * np.pi / SYNTHETIC_CLASSES + rng.normal(0.0, 0.08, num_examples)
+    frequency = rng.uniform(2.0, 4.0, num_examples)  # stripes per image
+    phase = rng.uniform(0.0, 2 * np.pi, num_examples)
+    yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size
+    along = np.cos(angle)[:, None, None] * xx + np.sin(angle)[:, None, None] * yy
+    wave = np.sin(2 * np.pi * frequency[:, None, None] * along + phase[:, None, None])
+    tint = np.array([[1.0, 0.4, 0.4], [0.4, 1.0, 0.4], [0.4, 0.4, 1.0],
+                     [1.0, 1.0, 0.3], [0.3, 1.0, 1.0]])[labels % 5]
+    images = 128 + 90 * wave[..., None] * tint[:, None, None, :]
+    images += rng.normal(0.0, 20.0, images.shape)
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+def _synthetic_source(config: DataConfig, seed: int) -> DataSource:
+    images, labels = synthetic_images(config.synthetic_examples,
+                                      config.image_size or SYNTHETIC_IMAGE_SIZE, seed)
+    num_train, _ = split_sizes(len(labels), config.val_fraction, "--dataset=synthetic")
+
+    def examples(part: slice) -> Callable[[], tf.data.Dataset]:
+        return lambda: tf.data.Dataset.from_tensor_slices((images[part], labels[part]))
+
+    angles = [round(180 * k / SYNTHETIC_CLASSES) for k in range(SYNTHETIC_CLASSES)]
+    return DataSource(
+        config=config, seed=seed, class_names=tuple(f"stripes_{a}deg" for a in angles),
+        sizes={"train": num_train, "val": len(labels) - num_train},
+        examples={"train": examples(slice(0, num_train)), "val": examples(slice(num_train, None))},
+        encoded=False, contents="synthetic",
+        example_names={split: lambda k, split=split: f"synthetic {split} example {k}"
+                       for split in ("train", "val")},
+    )
+
+
+def _tfds_source(config: DataConfig, seed: int) -> DataSource:
+    import tensorflow_datasets as tfds  # slow to import; only TFDS runs pay for it
+
+    name = config.dataset
+    way_out = ("Offline, prepare it on a connected machine and pass --data_dir, or pass an "
+               "image folder (for tf_flowers: the extracted flower_photos) with --image_dir.")
+    try:
+        builder = tfds.builder(name, data_dir=config.data_dir)
+    except Exception as e:
+        raise UserError(
+            f"--dataset={name} is not a TFDS dataset ({e.__class__.__name__}); use synthetic, "
+            "tf_flowers or another TFDS image-classification dataset, or --image_dir."
+        ) from None
+    if not builder.is_prepared():
+        if config.data_dir:
+            raise UserError(
+                f"--dataset={name} is not prepared in --data_dir={config.data_dir}. {way_out}")
+        if not host_resolves(builder.info.homepage):
+            raise UserError(
+                f"--dataset={name} is not prepared and this machine looks offline (cannot "
+                f"resolve {urllib.parse.urlparse(builder.info.homepage).hostname}). {way_out}")
+        logging.info("Downloading and preparing %s ...", name)
+        try:
+            builder.download_and_prepare()
+        except Exception as e:
+            raise UserError(
+                f"--dataset={name} could not be downloaded ({str(e).splitlines()[0][:200]}). "
+                f"{way_out}") from None
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise UserError(f"--dataset={name} has no 'image' and 'label' features; "
+                        "it is not an image-classification dataset.")
+    def all_examples() -> tf.data.Dataset:
+        # Decoding is ours (after sharding, before the cache), as for folders.
+        ds = builder.as_dataset(split="train", shuffle_files=False,
+                                decoders={"image": tfds.decode.SkipDecoding()})
+        return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int64)))
+
+    splits = builder.info.splits
+    if "train" in splits:
+        num_examples = splits["train"].num_examples
+    else:  # split sizes unrecorded (as under tfds.testing.mock_data): count
+        num_examples = int(all_examples().reduce(0, lambda count, _: count + 1))
+    num_train, _ = split_sizes(num_examples, config.val_fraction, f"--dataset={name}")
+
+    return DataSource(
+        config=config, seed=seed, class_names=tuple(features["label"].names),
+        sizes={"train": num_train, "val": num_examples - num_train},
+        # The reference's train[:70%] / train[70%:], in the dataset's stored order.
+        examples={"train": lambda: all_examples().take(num_train),
+                  "val": lambda: all_examples().skip(num_train)},
+        encoded=True,
+        contents=[name, os.path.abspath(builder.data_dir), num_examples,
+                  data_files(builder.data_dir)],
+        example_names={"train": lambda k: f"{name} train[{k}]",
+                       "val": lambda k: f"{name} train[{num_train + k}]"},
+    )
+
+
+def data_files(directory: str) -> list[list[Any]]:
+    """Names, sizes and mtimes of the files in a directory, sorted (a TFDS dataset's
+    records; local or on a cloud file system). Empty when there is no directory."""
+    if not tf.io.gfile.isdir(directory):
+        return []
+    files = []
+    for name in sorted(tf.io.gfile.listdir(directory)):
+        path = os.path.join(directory, name)
+        if not tf.io.gfile.isdir(path):
+            stat = tf.io.gfile.stat(path)
+            files.append([name, stat.length, stat.mtime_nsec])
+    return files
+
+
+def host_resolves(url: str, timeout_sec: float = 5.0) -> bool:
+    """Whether the host of `url` resolves within `timeout_sec`: a quick offline check,
+    since TFDS's download retries take minutes to give up."""
+    host = urllib.parse.urlparse(url or "").hostname
+    if not host:
+        return True
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout_sec)
+        return True
+    except Exception:  # resolution failed or timed out
+        return False
+    finally:
+        pool.shutdown(wait=False)
