@@ -395,6 +395,15 @@ def test_the_tpu_image_puts_the_tpu_build_the_extra_pins_over_tensorflow():
     assert last == ["--no-deps", "--force-reinstall", f"tensorflow-tpu=={pins['tensorflow-tpu']}"]
 
 
+def test_the_gpu_extra_brings_cuda_for_the_tensorflow_the_package_requires():
+    """`pip install -e ".[gpu]"`: the CUDA wheels of the same TensorFlow range, so the extra
+    can never pull another TensorFlow than the package itself allows."""
+    setup = (REPO / "setup.py").read_text()
+    [required] = re.findall(r'"tensorflow(>=[^"]+)"', setup)
+    [extra] = re.findall(r'"gpu": \[(.*)\]', setup)  # one line
+    assert extra.strip() == f'"tensorflow[and-cuda]{required}"'
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_images_run_the_entry_script_as_the_pods_user(dockerfile):
     instructions = dockerfile_instructions(dockerfile)
