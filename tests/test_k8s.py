@@ -55,8 +55,8 @@ current-context: none
 def kube_env(tmp_path_factory):
     """Environment for kubectl: a kubeconfig whose only cluster is 127.0.0.1."""
     require_tool(shutil.which("kubectl") is not None,
-                 "kubectl is not installed (Debian: apt-get install kubectl); "
-                 "it renders the kustomizations.")
+                 "kubectl 1.27 or newer is not installed (https://kubernetes.io/docs/tasks/tools/; "
+                 "Debian 12's kubernetes-client is 1.20, too old); it renders the kustomizations.")
     kubeconfig = tmp_path_factory.mktemp("kube") / "config"
     kubeconfig.write_text(KUBECONFIG)
     return {**os.environ, "KUBECONFIG": str(kubeconfig)}
