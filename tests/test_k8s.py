@@ -24,7 +24,7 @@ import yaml
 from conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
-OVERLAYS = ("gpu", "tpu", "multiworker", "tensorboard")
+OVERLAYS = ("gpu", "tpu", "multiworker", "tensorboard", "upload")
 ENTRYPOINT = REPO / "scripts" / "k8s_entrypoint.sh"
 SUBMIT = REPO / "scripts" / "submit.sh"
 JOB_NAME = "bit-finetune"  # the base Job's name, before submit.sh renames it
@@ -128,6 +128,8 @@ def test_strict_validation_rejects_unknown_fields(rendered):
                      "PersistentVolumeClaim", "Service"]),
     ("tensorboard", ["Deployment", "NetworkPolicy", "NetworkPolicy", "PersistentVolumeClaim",
                      "PersistentVolumeClaim", "Service"]),
+    ("upload", ["Job", "NetworkPolicy", "NetworkPolicy", "PersistentVolumeClaim",
+                "PersistentVolumeClaim"]),
 ])
 def test_overlay_contents(rendered, overlay, kinds):
     docs = rendered[overlay][1]
@@ -160,9 +162,12 @@ def test_every_pod_is_locked_down(rendered, overlay):
             volumes = {v["name"]: v for v in spec["volumes"]}
             assert "emptyDir" in volumes[mounts["/tmp"]]
             assert container_env(container)["HOME"] == "/tmp"
-            # The runs volume: read-write for trainers, read-only for TensorBoard.
-            runs = volumes[mounts["/runs"]]["persistentVolumeClaim"]
-            assert runs["claimName"] == "trainer-runs"
+            if overlay == "upload":  # it writes only data: the data volume, not the runs
+                assert "/runs" not in mounts
+                path, claim = "/data", "trainer-data"
+            else:  # the runs volume: read-write for trainers, read-only for TensorBoard
+                path, claim = "/runs", "trainer-runs"
+            assert volumes[mounts[path]]["persistentVolumeClaim"]["claimName"] == claim
 
 
 def test_no_service_is_exposed_outside_the_cluster(rendered):
@@ -269,6 +274,27 @@ def test_tensorboard_reads_the_runs_volume_through_a_cluster_ip(rendered):
     # No pod may connect to it: only port-forward and the kubelet's probes.
     [policy] = [p for p in objects(docs, "NetworkPolicy") if p["metadata"]["name"] == "tensorboard"]
     assert policy["spec"]["policyTypes"] == ["Ingress"] and not policy["spec"].get("ingress")
+
+
+def test_the_upload_pod_only_waits_and_stops_on_its_own(rendered):
+    """scripts/submit.sh copies into it with `kubectl exec` and deletes it; one left behind
+    stops at its deadline, and is never retried."""
+    docs = rendered["upload"][1]
+    job = the(docs, "Job")
+    spec = job["spec"]["template"]["spec"]
+    [loader] = spec["containers"]
+    assert loader["command"][0] == "sleep"
+    assert 0 < job["spec"]["activeDeadlineSeconds"] <= int(loader["command"][1])
+    assert job["spec"]["backoffLimit"] == 0 and spec["restartPolicy"] == "Never"
+    # The trainers' user, so that they own what it writes; no accelerator.
+    assert spec["securityContext"]["fsGroup"] == IMAGE_UID
+    assert set(loader["resources"]["limits"]) == {"cpu", "memory"}
+    # No connection in or out: `kubectl exec` goes through the kubelet.
+    [policy] = [p for p in objects(docs, "NetworkPolicy") if p["metadata"]["name"] == "data-upload"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() \
+        <= job["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert not policy["spec"].get("ingress") and not policy["spec"].get("egress")
 
 
 # Security scan.
