@@ -634,6 +634,72 @@ def test_submit_names_runs_uniquely_by_default(kube_env):
     assert re.fullmatch(r"bit-finetune-\d{8}-\d{6}", name)
 
 
+FAKE_KUBECTL_FOR_UPLOAD = """#!{python}
+# Stands in for kubectl: records each call; `apply -k` renders what it was given; `exec`
+# runs the command here, on a folder that stands in for the pod's /data.
+import os, subprocess, sys
+args = sys.argv[1:]
+with open(os.environ["CALLS"], "a") as calls:
+    calls.write(" ".join(args) + "\\n")
+if args[:2] == ["apply", "-k"]:
+    with open(os.environ["APPLIED"], "w") as applied:
+        subprocess.run([{kubectl!r}, "kustomize", args[2]], stdout=applied, check=True)
+elif args[0] == "exec":
+    command = args[args.index("--") + 1:]
+    root = os.environ["VOLUME"]
+    sys.exit(subprocess.run([a.replace("/data/", root + "/data/") for a in command]).returncode)
+"""
+
+
+def test_submit_uploads_a_folder_to_the_data_volume_and_deletes_its_pod(kube_env, tmp_path):
+    photos = tmp_path / "my_photos"
+    files = {"roses/a.jpg": b"rose", "roses/b.jpg": b"rose 2", "tulips/c d.png": b"tulip"}
+    for name, data in files.items():
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        (photos / name).write_bytes(data)
+    fake = tmp_path / "kubectl"
+    fake.write_text(FAKE_KUBECTL_FOR_UPLOAD.format(python=sys.executable,
+                                                   kubectl=shutil.which("kubectl")))
+    fake.chmod(0o755)
+    volume, calls = tmp_path / "volume", tmp_path / "calls"
+    env = {**kube_env, "KUBECTL": str(fake), "CALLS": str(calls), "VOLUME": str(volume),
+           "APPLIED": str(tmp_path / "applied.yaml")}
+
+    result = submit(["upload", "--image=reg/ktt:1", str(photos)], env)
+    copied = volume / "data" / "images" / "my_photos"
+    assert {str(p.relative_to(copied)): p.read_bytes() for p in copied.rglob("*.*")} == files
+    assert os.listdir(copied.parent) == ["my_photos"]  # no half-copied folder left
+    assert "-- --image_dir=/data/images/my_photos" in result.stdout
+    job = the([d for d in yaml.safe_load_all((tmp_path / "applied.yaml").read_text()) if d], "Job")
+    name = job["metadata"]["name"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "reg/ktt:1"
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith("apply -k ") and f"job/{name}" in lines[1]
+    assert lines[-1] == f"delete job {name} --ignore-not-found"
+
+    # The same name again: refused before anything is copied; the pod is deleted all the same.
+    calls.unlink()
+    result = submit(["upload", "--image=reg/ktt:1", str(photos)], env, check=False)
+    assert result.returncode == 2 and "already on the data volume" in result.stderr
+    lines = calls.read_text().splitlines()
+    assert not [line for line in lines if line.startswith("exec -i")]
+    assert lines[-1].startswith("delete job data-upload-")
+
+
+@pytest.mark.parametrize("mode,gpus,workers", [("gpu", 4, None), ("multiworker", 2, 3)])
+def test_submit_sets_the_gpus_of_each_pod(kube_env, mode, gpus, workers):
+    args = [mode, "--image=reg/ktt:1", f"--gpus={gpus}", "--dry-run"]
+    result = submit(args + ([f"--workers={workers}"] if workers else []), kube_env)
+    job = the([d for d in yaml.safe_load_all(result.stdout) if d], "Job")
+    kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
+    [trainer] = job["spec"]["template"]["spec"]["containers"]
+    assert trainer["resources"]["requests"]["nvidia.com/gpu"] == gpus
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    assert trainer["resources"]["limits"]["memory"] == trainer["resources"]["requests"]["memory"]
+    if workers:
+        assert job["spec"]["completions"] == workers
+
+
 @pytest.mark.parametrize("args,message", [
     (["gpu"], "--image"),
     (["gpu", "--image=reg/ktt"], "no tag"),
@@ -644,6 +710,17 @@ def test_submit_names_runs_uniquely_by_default(kube_env):
     (["cpu", "--image=reg/ktt:1"], "unknown mode"),
     (["gpu", "--image=reg/ktt:1", "--epochs=3"], "after --"),
     (["tensorboard", "--image=reg/ktt:1", "--", "--epochs=3"], "only"),
+    (["gpu", "--image=reg/ktt:1", "--gpus=0"], "--gpus=0"),
+    (["gpu", "--image=reg/ktt:1", "--gpus=two"], "--gpus=two"),
+    (["multiworker", "--image=reg/ktt:1", "--gpus=-1"], "--gpus=-1"),
+    (["tpu", "--image=reg/ktt:1", "--gpus=2"], "gpu and multiworker"),
+    (["tensorboard", "--image=reg/ktt:1", "--gpus=1"], "gpu and multiworker"),
+    (["upload", "--image=reg/ktt:1"], "name the folder"),
+    (["upload", "--image=reg/ktt:1", "/nonexistent/photos"], "not a folder"),
+    (["upload", "--image=reg/ktt:1", str(REPO / "k8s" / "base")], "no sub-folders"),
+    (["upload", "--image=reg/ktt:1", "--name=../runs", str(REPO / "k8s")], "--name"),
+    (["upload", "--image=reg/ktt:1", str(REPO / "k8s"), "--", "--epochs=3"], "only"),
+    (["gpu", "--image=reg/ktt:1", str(REPO / "k8s")], "after --"),
 ])
 def test_submit_rejects_bad_usage(kube_env, args, message):
     result = submit(args + ["--dry-run"], kube_env, check=False)
