@@ -700,6 +700,31 @@ def test_submit_sets_the_gpus_of_each_pod(kube_env, mode, gpus, workers):
         assert job["spec"]["completions"] == workers
 
 
+def test_the_kustomization_of_your_own_in_the_k8s_readme_sets_what_submit_sets(kube_env, tmp_path):
+    """k8s/README.md, "Without submit.sh": its kustomization, on this repository's overlay,
+    runs the user's image on 4 GPUs with their flags under their run's name."""
+    text = (REPO / "k8s" / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "kind: Kustomization" in b]
+    kustomization = yaml.safe_load(block)
+    [resource] = kustomization["resources"]
+    assert resource.endswith("/k8s/overlays/gpu")
+    overlay = REPO.resolve() / "k8s" / "overlays" / "gpu"
+    kustomization["resources"] = [os.path.relpath(overlay, tmp_path.resolve())]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    docs = [d for d in yaml.safe_load_all(kustomize(tmp_path, kube_env)) if d]
+    job = the(docs, "Job")
+    [trainer] = job["spec"]["template"]["spec"]["containers"]
+    [image] = kustomization["images"]
+    assert trainer["image"] == f"{image['newName']}:{image['newTag']}"
+    assert trainer["resources"]["requests"]["nvidia.com/gpu"] == 4
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert trainer["args"][-1] == "--image_dir=/data/images/my_photos"
+    assert job["metadata"]["name"] == "photos-1"
+    # The run shares the volumes every run uses.
+    assert {p["metadata"]["name"] for p in objects(docs, "PersistentVolumeClaim")} \
+        == {"trainer-runs", "trainer-data"}
+
+
 @pytest.mark.parametrize("args,message", [
     (["gpu"], "--image"),
     (["gpu", "--image=reg/ktt"], "no tag"),
