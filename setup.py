@@ -32,6 +32,11 @@ setup(
             "kubernetes-validate>=1.31",
             "PyYAML>=6",
         ],
+        # NVIDIA GPUs on Linux without a system CUDA: `tensorflow[and-cuda]` brings the
+        # CUDA, cuDNN and NCCL libraries TensorFlow was built with as pip wheels (several
+        # GB), under the same version range as `tensorflow` above. Needs only the NVIDIA
+        # driver. The GPU image does not use it: its base image already has CUDA.
+        "gpu": ["tensorflow[and-cuda]>=2.20,<2.22"],
         # TPU VMs (--tpu=local, what GKE uses): TensorFlow's TPU build and the TPU
         # runtime. tf-keras requires the `tensorflow` distribution too, and both
         # provide the `tensorflow` module: install this extra, then tensorflow-tpu

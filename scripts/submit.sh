@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# Submits one training run (or TensorBoard) to the current kubectl context.
+# Submits one training run (or TensorBoard) to the current kubectl context,
+# or uploads a folder of your images to the data volume.
 #
 #   scripts/submit.sh gpu|tpu|multiworker|tensorboard --image=REGISTRY/IMAGE:TAG
-#       [--name=RUN] [--workers=N] [--dry-run] [-- TRAINER_FLAGS...]
+#       [--name=RUN] [--gpus=N] [--workers=N] [--dry-run] [-- TRAINER_FLAGS...]
+#   scripts/submit.sh upload --image=REGISTRY/IMAGE:TAG [--name=NAME] [--dry-run] DIR
 #
 #   --image    the image to run (REGISTRY/IMAGE:TAG or REGISTRY/IMAGE@sha256:DIGEST)
 #   --name     the run's name: the Job's name and its workdir /runs/RUN on the
 #              runs volume (default: bit-finetune-DATE-TIME). Submitting the
 #              same name again, after `kubectl delete job RUN`, resumes that run.
+#              upload: the folder's name on the data volume (default: DIR's)
+#   --gpus     gpu and multiworker: GPUs per pod (default 1), all used by the run
 #   --workers  multiworker only: the number of worker pods (default 2)
 #   --dry-run  print the manifests instead of applying them
 #   TRAINER_FLAGS are appended to the Job's trainer flags; a flag given twice
 #   takes the last value, so these override the overlay's.
+#   upload copies DIR (one sub-folder of images per class) to
+#   /data/images/NAME through a short-lived pod, which it then deletes; train
+#   on it with `scripts/submit.sh gpu --image=... -- --image_dir=/data/images/NAME`.
 #
 # It writes a kustomization that builds on k8s/overlays/MODE into a temporary
 # directory and applies it with `kubectl apply -k`. KUBECTL names another
@@ -19,7 +26,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '4,14s/^# \{0,1\}//p' "$0" >&2
+  sed -n '4,21s/^# \{0,1\}//p' "$0" >&2
   exit "${1:-2}"
 }
 
@@ -35,21 +42,27 @@ kubectl=${KUBECTL:-kubectl}
 mode=$1
 shift
 case $mode in
-  gpu | tpu | multiworker | tensorboard) ;;
+  gpu | tpu | multiworker | tensorboard | upload) ;;
   -h | --help) usage 0 ;;
-  *) fail "unknown mode '$mode': one of gpu, tpu, multiworker, tensorboard." ;;
+  *) fail "unknown mode '$mode': one of gpu, tpu, multiworker, tensorboard, upload." ;;
 esac
 
-image="" name="" workers="" dry_run=false
+image="" name="" gpus="" workers="" dry_run=false source_dir=""
 while (($# > 0)); do
   case $1 in
     --image=*) image=${1#*=} ;;
     --name=*) name=${1#*=} ;;
+    --gpus=*) gpus=${1#*=} ;;
     --workers=*) workers=${1#*=} ;;
     --dry-run) dry_run=true ;;
     -h | --help) usage 0 ;;
     --) shift && break ;;
-    *) fail "unknown option '$1' (trainer flags go after --)." ;;
+    -*) fail "unknown option '$1' (trainer flags go after --)." ;;
+    *)
+      [[ $mode == upload && -z $source_dir ]] \
+        || fail "unexpected argument '$1' (trainer flags go after --)."
+      source_dir=$1
+      ;;
   esac
   shift
 done
@@ -62,9 +75,28 @@ trainer_flags=("$@")
   || fail "--image=$image has no tag; give REGISTRY/IMAGE:TAG or REGISTRY/IMAGE@sha256:DIGEST."
 [[ $image != *:latest ]] || fail "--image: give a fixed tag, not 'latest', so that retries run the same code."
 
+if [[ -n $gpus ]]; then
+  [[ $mode == gpu || $mode == multiworker ]] || fail "--gpus is for the gpu and multiworker modes."
+  [[ $gpus =~ ^[1-9][0-9]*$ ]] || fail "--gpus=$gpus: give the number of GPUs per pod, a positive number."
+fi
+
 if [[ $mode == tensorboard ]]; then
   [[ -z $name && -z $workers && ${#trainer_flags[@]} -eq 0 ]] \
     || fail "tensorboard takes only --image and --dry-run."
+elif [[ $mode == upload ]]; then
+  [[ -z $workers && ${#trainer_flags[@]} -eq 0 ]] \
+    || fail "upload takes only --image, --name, --dry-run and the folder."
+  [[ -n $source_dir ]] || fail "upload: name the folder to copy (one sub-folder of images per class)."
+  [[ -d $source_dir ]] || fail "upload: $source_dir is not a folder."
+  # The trainer reads one sub-folder per class: catch the folder above or
+  # below the right one before copying anything.
+  classes=false
+  for entry in "$source_dir"/*/; do [[ -d $entry ]] && classes=true && break; done
+  $classes || fail "upload: $source_dir has no sub-folders; give the folder whose sub-folders are the classes."
+  name=${name:-$(basename "$(cd "$source_dir" && pwd -P)")}
+  [[ $name =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$ ]] \
+    || fail "--name=$name: the folder's name on the data volume; use letters, digits, '.', '_' and '-' (at most 100)."
+  job=data-upload-$(date +%Y%m%d-%H%M%S)
 else
   name=${name:-bit-finetune-$(date +%Y%m%d-%H%M%S)}
   # A Job's name becomes a label value and, with "-INDEX", each worker's
@@ -104,14 +136,25 @@ overlay=${up#/}$repo/k8s/overlays/$mode
   echo "patches:"
   # The image by a patch of the container, not an `images:` entry: that would
   # have to match whatever name k8s/components/common sets.
-  if [[ $mode == tensorboard ]]; then
-    echo "  - target: {kind: Deployment, name: tensorboard}"
-  else
-    echo "  - target: {kind: Job, name: bit-finetune}"
-  fi
+  case $mode in
+    tensorboard) echo "  - target: {kind: Deployment, name: tensorboard}" ;;
+    upload) echo "  - target: {kind: Job, name: data-upload}" ;;
+    *) echo "  - target: {kind: Job, name: bit-finetune}" ;;
+  esac
   echo "    patch: |-"
   echo "      - {op: replace, path: /spec/template/spec/containers/0/image, value: $(json "$image")}"
-  if [[ $mode != tensorboard ]]; then
+  if [[ $mode == upload ]]; then
+    echo "      - {op: replace, path: /metadata/name, value: $(json "$job")}"
+  elif [[ $mode != tensorboard ]]; then
+    if [[ -n $gpus ]]; then
+      # An extended resource: the request must equal the limit. "~1" is a
+      # "/" in a JSON pointer.
+      echo "  - target: {kind: Job, name: bit-finetune}"
+      echo "    patch: |-"
+      for bound in requests limits; do
+        echo "      - {op: replace, path: /spec/template/spec/containers/0/resources/$bound/nvidia.com~1gpu, value: $gpus}"
+      done
+    fi
     if [[ -n $workers ]]; then
       # Three places must agree on the number of workers (indexed-job.yaml).
       echo "  - target: {kind: Job, name: bit-finetune}"
@@ -134,9 +177,44 @@ overlay=${up#/}$repo/k8s/overlays/$mode
 } >"$workdir/kustomization.yaml"
 
 if $dry_run; then
-  exec "$kubectl" kustomize "$workdir"
+  "$kubectl" kustomize "$workdir"
+  exit
+fi
+if [[ $mode == upload ]]; then
+  # The upload pod lives only as long as this script: it is deleted however
+  # the script ends (a failed apply and ^C included).
+  trap 'rm -rf "$workdir"; "$kubectl" delete job "$job" --ignore-not-found >&2' EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
 fi
 "$kubectl" apply -k "$workdir"
+
+if [[ $mode == upload ]]; then
+  dest=/data/images/$name
+  echo "Waiting for the upload pod (the image's first pull on a node can take minutes)..." >&2
+  if ! "$kubectl" wait --for=jsonpath='{.status.ready}'=1 "job/$job" --timeout=15m >&2; then
+    "$kubectl" describe pods -l "batch.kubernetes.io/job-name=$job" >&2 || true
+    fail "upload: the upload pod did not start (its events are above)."
+  fi
+  status=0
+  "$kubectl" exec "job/$job" -- sh -c '[ ! -e "$1" ] || exit 17' sh "$dest" || status=$?
+  ((status != 17)) || fail "upload: $dest is already on the data volume; choose another --name, or delete it first."
+  ((status == 0)) || exit "$status"
+  echo "Copying $source_dir to $dest on the data volume..." >&2
+  # Into a hidden folder, renamed when complete, so that the trainer never
+  # reads half a folder. -h copies what symbolic links point to;
+  # COPYFILE_DISABLE keeps macOS tar from adding its ._ metadata files.
+  COPYFILE_DISABLE=1 tar -ch -C "$source_dir" -f - . \
+    | "$kubectl" exec -i "job/$job" -- sh -c \
+      'rm -rf "$2" && mkdir -p "$2" && tar -xf - -C "$2" && [ ! -e "$1" ] && mv "$2" "$1"' \
+      sh "$dest" "/data/images/.$name.partial"
+  cat <<EOF
+
+Copied $source_dir to $dest on the data volume. Train on it:
+  $0 gpu --image=$image -- --image_dir=$dest
+EOF
+  exit 0
+fi
 
 if [[ $mode == tensorboard ]]; then
   cat <<EOF

@@ -24,7 +24,7 @@ import yaml
 from conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
-OVERLAYS = ("gpu", "tpu", "multiworker", "tensorboard")
+OVERLAYS = ("gpu", "tpu", "multiworker", "tensorboard", "upload")
 ENTRYPOINT = REPO / "scripts" / "k8s_entrypoint.sh"
 SUBMIT = REPO / "scripts" / "submit.sh"
 JOB_NAME = "bit-finetune"  # the base Job's name, before submit.sh renames it
@@ -55,8 +55,8 @@ current-context: none
 def kube_env(tmp_path_factory):
     """Environment for kubectl: a kubeconfig whose only cluster is 127.0.0.1."""
     require_tool(shutil.which("kubectl") is not None,
-                 "kubectl is not installed (Debian: apt-get install kubectl); "
-                 "it renders the kustomizations.")
+                 "kubectl 1.27 or newer is not installed (https://kubernetes.io/docs/tasks/tools/; "
+                 "Debian 12's kubernetes-client is 1.20, too old); it renders the kustomizations.")
     kubeconfig = tmp_path_factory.mktemp("kube") / "config"
     kubeconfig.write_text(KUBECONFIG)
     return {**os.environ, "KUBECONFIG": str(kubeconfig)}
@@ -128,6 +128,8 @@ def test_strict_validation_rejects_unknown_fields(rendered):
                      "PersistentVolumeClaim", "Service"]),
     ("tensorboard", ["Deployment", "NetworkPolicy", "NetworkPolicy", "PersistentVolumeClaim",
                      "PersistentVolumeClaim", "Service"]),
+    ("upload", ["Job", "NetworkPolicy", "NetworkPolicy", "PersistentVolumeClaim",
+                "PersistentVolumeClaim"]),
 ])
 def test_overlay_contents(rendered, overlay, kinds):
     docs = rendered[overlay][1]
@@ -160,9 +162,12 @@ def test_every_pod_is_locked_down(rendered, overlay):
             volumes = {v["name"]: v for v in spec["volumes"]}
             assert "emptyDir" in volumes[mounts["/tmp"]]
             assert container_env(container)["HOME"] == "/tmp"
-            # The runs volume: read-write for trainers, read-only for TensorBoard.
-            runs = volumes[mounts["/runs"]]["persistentVolumeClaim"]
-            assert runs["claimName"] == "trainer-runs"
+            if overlay == "upload":  # it writes only data: the data volume, not the runs
+                assert "/runs" not in mounts
+                path, claim = "/data", "trainer-data"
+            else:  # the runs volume: read-write for trainers, read-only for TensorBoard
+                path, claim = "/runs", "trainer-runs"
+            assert volumes[mounts[path]]["persistentVolumeClaim"]["claimName"] == claim
 
 
 def test_no_service_is_exposed_outside_the_cluster(rendered):
@@ -269,6 +274,27 @@ def test_tensorboard_reads_the_runs_volume_through_a_cluster_ip(rendered):
     # No pod may connect to it: only port-forward and the kubelet's probes.
     [policy] = [p for p in objects(docs, "NetworkPolicy") if p["metadata"]["name"] == "tensorboard"]
     assert policy["spec"]["policyTypes"] == ["Ingress"] and not policy["spec"].get("ingress")
+
+
+def test_the_upload_pod_only_waits_and_stops_on_its_own(rendered):
+    """scripts/submit.sh copies into it with `kubectl exec` and deletes it; one left behind
+    stops at its deadline, and is never retried."""
+    docs = rendered["upload"][1]
+    job = the(docs, "Job")
+    spec = job["spec"]["template"]["spec"]
+    [loader] = spec["containers"]
+    assert loader["command"][0] == "sleep"
+    assert 0 < job["spec"]["activeDeadlineSeconds"] <= int(loader["command"][1])
+    assert job["spec"]["backoffLimit"] == 0 and spec["restartPolicy"] == "Never"
+    # The trainers' user, so that they own what it writes; no accelerator.
+    assert spec["securityContext"]["fsGroup"] == IMAGE_UID
+    assert set(loader["resources"]["limits"]) == {"cpu", "memory"}
+    # No connection in or out: `kubectl exec` goes through the kubelet.
+    [policy] = [p for p in objects(docs, "NetworkPolicy") if p["metadata"]["name"] == "data-upload"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() \
+        <= job["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert not policy["spec"].get("ingress") and not policy["spec"].get("egress")
 
 
 # Security scan.
@@ -393,6 +419,15 @@ def test_the_tpu_image_puts_the_tpu_build_the_extra_pins_over_tensorflow():
     first, last = pip_installs(install[len("RUN "):])
     assert first == [".[tpu]"]
     assert last == ["--no-deps", "--force-reinstall", f"tensorflow-tpu=={pins['tensorflow-tpu']}"]
+
+
+def test_the_gpu_extra_brings_cuda_for_the_tensorflow_the_package_requires():
+    """`pip install -e ".[gpu]"`: the CUDA wheels of the same TensorFlow range, so the extra
+    can never pull another TensorFlow than the package itself allows."""
+    setup = (REPO / "setup.py").read_text()
+    [required] = re.findall(r'"tensorflow(>=[^"]+)"', setup)
+    [extra] = re.findall(r'"gpu": \[(.*)\]', setup)  # one line
+    assert extra.strip() == f'"tensorflow[and-cuda]{required}"'
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
@@ -599,6 +634,97 @@ def test_submit_names_runs_uniquely_by_default(kube_env):
     assert re.fullmatch(r"bit-finetune-\d{8}-\d{6}", name)
 
 
+FAKE_KUBECTL_FOR_UPLOAD = """#!{python}
+# Stands in for kubectl: records each call; `apply -k` renders what it was given; `exec`
+# runs the command here, on a folder that stands in for the pod's /data.
+import os, subprocess, sys
+args = sys.argv[1:]
+with open(os.environ["CALLS"], "a") as calls:
+    calls.write(" ".join(args) + "\\n")
+if args[:2] == ["apply", "-k"]:
+    with open(os.environ["APPLIED"], "w") as applied:
+        subprocess.run([{kubectl!r}, "kustomize", args[2]], stdout=applied, check=True)
+elif args[0] == "exec":
+    command = args[args.index("--") + 1:]
+    root = os.environ["VOLUME"]
+    sys.exit(subprocess.run([a.replace("/data/", root + "/data/") for a in command]).returncode)
+"""
+
+
+def test_submit_uploads_a_folder_to_the_data_volume_and_deletes_its_pod(kube_env, tmp_path):
+    photos = tmp_path / "my_photos"
+    files = {"roses/a.jpg": b"rose", "roses/b.jpg": b"rose 2", "tulips/c d.png": b"tulip"}
+    for name, data in files.items():
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        (photos / name).write_bytes(data)
+    fake = tmp_path / "kubectl"
+    fake.write_text(FAKE_KUBECTL_FOR_UPLOAD.format(python=sys.executable,
+                                                   kubectl=shutil.which("kubectl")))
+    fake.chmod(0o755)
+    volume, calls = tmp_path / "volume", tmp_path / "calls"
+    env = {**kube_env, "KUBECTL": str(fake), "CALLS": str(calls), "VOLUME": str(volume),
+           "APPLIED": str(tmp_path / "applied.yaml")}
+
+    result = submit(["upload", "--image=reg/ktt:1", str(photos)], env)
+    copied = volume / "data" / "images" / "my_photos"
+    assert {str(p.relative_to(copied)): p.read_bytes() for p in copied.rglob("*.*")} == files
+    assert os.listdir(copied.parent) == ["my_photos"]  # no half-copied folder left
+    assert "-- --image_dir=/data/images/my_photos" in result.stdout
+    job = the([d for d in yaml.safe_load_all((tmp_path / "applied.yaml").read_text()) if d], "Job")
+    name = job["metadata"]["name"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "reg/ktt:1"
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith("apply -k ") and f"job/{name}" in lines[1]
+    assert lines[-1] == f"delete job {name} --ignore-not-found"
+
+    # The same name again: refused before anything is copied; the pod is deleted all the same.
+    calls.unlink()
+    result = submit(["upload", "--image=reg/ktt:1", str(photos)], env, check=False)
+    assert result.returncode == 2 and "already on the data volume" in result.stderr
+    lines = calls.read_text().splitlines()
+    assert not [line for line in lines if line.startswith("exec -i")]
+    assert lines[-1].startswith("delete job data-upload-")
+
+
+@pytest.mark.parametrize("mode,gpus,workers", [("gpu", 4, None), ("multiworker", 2, 3)])
+def test_submit_sets_the_gpus_of_each_pod(kube_env, mode, gpus, workers):
+    args = [mode, "--image=reg/ktt:1", f"--gpus={gpus}", "--dry-run"]
+    result = submit(args + ([f"--workers={workers}"] if workers else []), kube_env)
+    job = the([d for d in yaml.safe_load_all(result.stdout) if d], "Job")
+    kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
+    [trainer] = job["spec"]["template"]["spec"]["containers"]
+    assert trainer["resources"]["requests"]["nvidia.com/gpu"] == gpus
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    assert trainer["resources"]["limits"]["memory"] == trainer["resources"]["requests"]["memory"]
+    if workers:
+        assert job["spec"]["completions"] == workers
+
+
+def test_the_kustomization_of_your_own_in_the_k8s_readme_sets_what_submit_sets(kube_env, tmp_path):
+    """k8s/README.md, "Without submit.sh": its kustomization, on this repository's overlay,
+    runs the user's image on 4 GPUs with their flags under their run's name."""
+    text = (REPO / "k8s" / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "kind: Kustomization" in b]
+    kustomization = yaml.safe_load(block)
+    [resource] = kustomization["resources"]
+    assert resource.endswith("/k8s/overlays/gpu")
+    overlay = REPO.resolve() / "k8s" / "overlays" / "gpu"
+    kustomization["resources"] = [os.path.relpath(overlay, tmp_path.resolve())]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    docs = [d for d in yaml.safe_load_all(kustomize(tmp_path, kube_env)) if d]
+    job = the(docs, "Job")
+    [trainer] = job["spec"]["template"]["spec"]["containers"]
+    [image] = kustomization["images"]
+    assert trainer["image"] == f"{image['newName']}:{image['newTag']}"
+    assert trainer["resources"]["requests"]["nvidia.com/gpu"] == 4
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert trainer["args"][-1] == "--image_dir=/data/images/my_photos"
+    assert job["metadata"]["name"] == "photos-1"
+    # The run shares the volumes every run uses.
+    assert {p["metadata"]["name"] for p in objects(docs, "PersistentVolumeClaim")} \
+        == {"trainer-runs", "trainer-data"}
+
+
 @pytest.mark.parametrize("args,message", [
     (["gpu"], "--image"),
     (["gpu", "--image=reg/ktt"], "no tag"),
@@ -609,6 +735,17 @@ def test_submit_names_runs_uniquely_by_default(kube_env):
     (["cpu", "--image=reg/ktt:1"], "unknown mode"),
     (["gpu", "--image=reg/ktt:1", "--epochs=3"], "after --"),
     (["tensorboard", "--image=reg/ktt:1", "--", "--epochs=3"], "only"),
+    (["gpu", "--image=reg/ktt:1", "--gpus=0"], "--gpus=0"),
+    (["gpu", "--image=reg/ktt:1", "--gpus=two"], "--gpus=two"),
+    (["multiworker", "--image=reg/ktt:1", "--gpus=-1"], "--gpus=-1"),
+    (["tpu", "--image=reg/ktt:1", "--gpus=2"], "gpu and multiworker"),
+    (["tensorboard", "--image=reg/ktt:1", "--gpus=1"], "gpu and multiworker"),
+    (["upload", "--image=reg/ktt:1"], "name the folder"),
+    (["upload", "--image=reg/ktt:1", "/nonexistent/photos"], "not a folder"),
+    (["upload", "--image=reg/ktt:1", str(REPO / "k8s" / "base")], "no sub-folders"),
+    (["upload", "--image=reg/ktt:1", "--name=../runs", str(REPO / "k8s")], "--name"),
+    (["upload", "--image=reg/ktt:1", str(REPO / "k8s"), "--", "--epochs=3"], "only"),
+    (["gpu", "--image=reg/ktt:1", str(REPO / "k8s")], "after --"),
 ])
 def test_submit_rejects_bad_usage(kube_env, args, message):
     result = submit(args + ["--dry-run"], kube_env, check=False)
