@@ -10,14 +10,15 @@ import tensorflow as tf
 
 from conftest import run_main
 from trainer import backbones, compare, export
+from trainer import checks
 from trainer import config as config_lib
 from trainer.config import UserError
 
 NO_TENSORFLOW = """
 import sys
-import trainer.config, trainer.backbones, trainer.backbones.bit_weights
+import trainer.checks, trainer.config, trainer.backbones, trainer.backbones.bit_weights
 from trainer import backbones
-config = trainer.config.resolve(trainer.config.Config())
+config = trainer.checks.resolve(trainer.config.Config())
 for spec in backbones.specs():
     model = trainer.config.override(config, {"backbone": spec.name}).model
     spec.check_fields(model)
@@ -54,7 +55,7 @@ def toy(monkeypatch):
 
 
 def resolved(**values):
-    return config_lib.resolve(config_lib.override(config_lib.Config(), values))
+    return checks.resolve(config_lib.override(config_lib.Config(), values))
 
 
 def test_a_registered_toy_backbone_is_checked_like_any_other(toy):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
+from trainer import checks
 from trainer import config as config_lib
 from trainer import models
 from trainer.backbones import resnet50
@@ -17,7 +18,7 @@ def batch_norm_layers(layer):
 
 
 def model_config(**values):
-    return config_lib.resolve(config_lib.override(config_lib.Config(), values)).model
+    return checks.resolve(config_lib.override(config_lib.Config(), values)).model
 
 
 def test_wide_resnet_gets_the_momentum():

@@ -12,6 +12,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from conftest import run_main
+from trainer import checks
 from trainer import config as config_lib
 from trainer import experiments
 from trainer import backbones, export, models, train
@@ -276,12 +277,12 @@ def test_the_official_urls_and_pretrained_defaults():
     assert bit_weights.official_url("m-r152x2") == "https://storage.googleapis.com/bit_models/BiT-M-R152x2.npz"
     for variant in bit.VARIANTS:
         assert bit.architecture(variant).name().lower() == variant.split("-")[1]
-    default = config_lib.resolve(config_lib.Config())
+    default = checks.resolve(config_lib.Config())
     assert default.model.backbone == "bit" and default.model.trainable is False
-    scratch = config_lib.resolve(config_lib.override(config_lib.Config(), {"bit_weights": "none"}))
+    scratch = checks.resolve(config_lib.override(config_lib.Config(), {"bit_weights": "none"}))
     assert scratch.model.trainable is True and scratch.train.learning_rate == 1e-3
     with pytest.raises(UserError, match="--bit_weights applies to --backbone=bit"):
-        config_lib.resolve(config_lib.override(config_lib.Config(), {
+        checks.resolve(config_lib.override(config_lib.Config(), {
             "backbone": "wide_resnet", "bit_weights": "none"}))
 
 
@@ -339,7 +340,7 @@ def test_exported_backbone_starts_the_next_run(one_unit_bit, tmp_path, capsys, i
     assert features.shape == (3, 4 * ONE_UNIT.root_width) and features.dtype == tf.float32
 
     # The next run starts from it, frozen: a hub backbone in float32.
-    config = config_lib.resolve(config_lib.override(experiments.preset(None), {
+    config = checks.resolve(config_lib.override(experiments.preset(None), {
         "backbone": "hub", "hub_handle": str(exported), "trainable": False, "learning_rate": 1e-2,
         "dataset": "synthetic", "synthetic_examples": 32, "image_size": SIZE, "batch_size": 8,
         "epochs": 1, "precision": "float32", "jit_compile": "false", "export": False,

@@ -13,6 +13,7 @@ from PIL import Image
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from trainer import compare
+from trainer import checks
 from trainer import config as config_lib
 from trainer import experiments
 from trainer import train
@@ -27,7 +28,7 @@ def parent(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     for name, values in (("fast", {"learning_rate": 1e-2, "epochs": 2}),
                          ("slow", {"learning_rate": 1e-4, "epochs": 1})):
-        train.train_and_evaluate(config_lib.resolve(config_lib.override(
+        train.train_and_evaluate(checks.resolve(config_lib.override(
             experiments.preset("smoke"), {**TINY, **values, "workdir": str(root / name)})))
     # An interrupted run: what a kill after epoch 1 leaves (no summary.json).
     shutil.copytree(root / "fast", root / "killed")

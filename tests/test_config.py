@@ -2,6 +2,7 @@
 
 import pytest
 
+from trainer import checks
 from trainer import config as config_lib
 from trainer import experiments
 from trainer import workdir as workdir_lib
@@ -9,22 +10,22 @@ from trainer.config import UserError
 
 
 def test_presets_carry_the_reference_hyperparameters():
-    finetune = config_lib.resolve(experiments.preset("bit_finetune"))
+    finetune = checks.resolve(experiments.preset("bit_finetune"))
     assert finetune.model.backbone == "bit" and finetune.model.bit_variant == "s-r50x3"
     assert finetune.model.trainable is True
     assert finetune.train.learning_rate == 1e-5
     assert finetune.data.global_batch_size == 16 and finetune.data.image_size == 224
     assert finetune.train.epochs == 20 and finetune.train.early_stopping_patience == 2
-    scratch = config_lib.resolve(experiments.preset("resnet50_scratch"))
+    scratch = checks.resolve(experiments.preset("resnet50_scratch"))
     assert (scratch.model.weights, scratch.model.trainable, scratch.train.learning_rate) == (
         "none", True, 1e-4)
-    transfer = config_lib.resolve(experiments.preset("resnet50_hub_transfer"))
+    transfer = checks.resolve(experiments.preset("resnet50_hub_transfer"))
     assert transfer.model.trainable is False and transfer.train.learning_rate == 1e-3
 
 
 def test_every_preset_resolves_and_names_its_workdir():
     for name in experiments.PRESETS:
-        resolved = config_lib.resolve(experiments.preset(name))
+        resolved = checks.resolve(experiments.preset(name))
         assert resolved.experiment == name
         assert resolved.workdir == f"runs/{name}"
 
@@ -39,11 +40,11 @@ def test_explicit_values_override_the_preset():
 
 
 def test_trainable_and_learning_rate_defaults_follow_the_backbone():
-    random_init = config_lib.resolve(config_lib.override(config_lib.Config(), {"backbone": "wide_resnet"}))
+    random_init = checks.resolve(config_lib.override(config_lib.Config(), {"backbone": "wide_resnet"}))
     assert random_init.model.trainable is True and random_init.train.learning_rate == 1e-3
-    pretrained = config_lib.resolve(config_lib.Config())
+    pretrained = checks.resolve(config_lib.Config())
     assert pretrained.model.trainable is False and pretrained.train.learning_rate == 1e-3
-    fine_tune = config_lib.resolve(config_lib.override(config_lib.Config(), {"trainable": True}))
+    fine_tune = checks.resolve(config_lib.override(config_lib.Config(), {"trainable": True}))
     assert fine_tune.train.learning_rate == 1e-5
 
 
@@ -65,7 +66,7 @@ def test_trainable_and_learning_rate_defaults_follow_the_backbone():
 ])
 def test_bad_values_name_their_flag(values, flag):
     with pytest.raises(UserError, match=flag):
-        config_lib.resolve(config_lib.override(config_lib.Config(), values))
+        checks.resolve(config_lib.override(config_lib.Config(), values))
 
 
 def test_unknown_preset_lists_the_valid_ones():
@@ -74,7 +75,7 @@ def test_unknown_preset_lists_the_valid_ones():
 
 
 def test_json_round_trip():
-    resolved = config_lib.resolve(experiments.preset("smoke"))
+    resolved = checks.resolve(experiments.preset("smoke"))
     assert config_lib.from_json(config_lib.to_json(resolved)) == resolved
 
 
@@ -100,7 +101,7 @@ ATTEMPT_SETTINGS = {
 def test_every_setting_is_either_compared_on_resume_or_may_change_between_attempts():
     fields = set(config_lib.flatten(config_lib.Config())) - {"global_batch_size"} | {"batch_size"}
     assert set(RESULT_SETTINGS) | set(ATTEMPT_SETTINGS) == fields
-    resolved = config_lib.resolve(experiments.preset("smoke"))
+    resolved = checks.resolve(experiments.preset("smoke"))
     for name, value in RESULT_SETTINGS.items():
         other = config_lib.override(resolved, {name: value})
         assert workdir_lib.differences(resolved, other) == [f"--{name}"], name
@@ -117,7 +118,7 @@ def test_local_paths_are_normalised_so_two_spellings_of_a_run_are_one(tmp_path, 
     monkeypatch.chdir(tmp_path)
 
     def resolved(**values):
-        return config_lib.resolve(config_lib.override(config_lib.Config(), values))
+        return checks.resolve(config_lib.override(config_lib.Config(), values))
 
     a = resolved(workdir="runs/x/", image_dir="./photos/", data_dir="tfds", backbone="hub",
                  hub_handle="models//fv")
@@ -140,7 +141,7 @@ def test_local_paths_are_normalised_so_two_spellings_of_a_run_are_one(tmp_path, 
 
 def test_batch_norm_momentum_defaults_to_short_runs_for_statistics_learned_from_scratch():
     def momentum(**values):
-        return config_lib.resolve(config_lib.override(config_lib.Config(), values)).model.batch_norm_momentum
+        return checks.resolve(config_lib.override(config_lib.Config(), values)).model.batch_norm_momentum
 
     assert momentum(backbone="wide_resnet") == config_lib.SCRATCH_BATCH_NORM_MOMENTUM == 0.9
     assert momentum(backbone="resnet50", weights="none") == 0.9

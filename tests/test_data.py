@@ -15,6 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from trainer import checks
 from trainer import config as config_lib
 from trainer import experiments
 from trainer import train
@@ -243,7 +244,7 @@ for _ in batches:
 
 @pytest.mark.slow
 def test_a_run_recovers_from_a_cache_write_killed_mid_pass(image_dir, tmp_path):
-    config = config_lib.resolve(config_lib.override(experiments.preset("smoke"), {
+    config = checks.resolve(config_lib.override(experiments.preset("smoke"), {
         "image_dir": image_dir, "image_size": 16, "val_fraction": 0.25, "cache": "file",
         "wrn_width": 1, "batch_size": 7, "epochs": 1, "precision": "float32",
         "jit_compile": "false", "export": False, "workdir": str(tmp_path / "run")}))
@@ -411,6 +412,6 @@ def test_decoding_to_size_keeps_the_quality_of_a_full_decode():
 
 def test_a_misspelt_cache_mode_is_an_error_not_a_directory():
     with pytest.raises(UserError, match="--cache=memroy is not valid"):
-        config_lib.resolve(config_lib.override(config_lib.Config(), {"cache": "memroy"}))
-    resolved = config_lib.resolve(config_lib.override(config_lib.Config(), {"cache": "./cache"}))
+        checks.resolve(config_lib.override(config_lib.Config(), {"cache": "memroy"}))
+    resolved = checks.resolve(config_lib.override(config_lib.Config(), {"cache": "./cache"}))
     assert resolved.data.cache == "./cache"

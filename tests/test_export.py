@@ -6,6 +6,7 @@ import tensorflow as tf
 import tensorflow_hub as hub
 import tf_keras as keras
 
+from trainer import checks
 from trainer import config as config_lib
 from trainer import experiments
 from trainer import export, models, train
@@ -17,7 +18,7 @@ TINY = {"synthetic_examples": 64, "image_size": 16, "wrn_width": 1, "batch_size"
 
 
 def tiny_config(workdir, **values):
-    return config_lib.resolve(config_lib.override(
+    return checks.resolve(config_lib.override(
         experiments.preset("smoke"), {**TINY, "workdir": str(workdir), **values}))
 
 

@@ -23,6 +23,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from trainer import compare, export, predict, train
+from trainer import checks
 from trainer import config as config_lib
 from trainer import experiments
 from trainer import workdir as workdir_lib
@@ -37,7 +38,7 @@ COMPUTE_DTYPE = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_floa
 
 
 def tiny_config(workdir, **values):
-    return config_lib.resolve(config_lib.override(
+    return checks.resolve(config_lib.override(
         experiments.preset("smoke"), {**TINY, "workdir": str(workdir), **values}))
 
 
@@ -132,7 +133,7 @@ import numpy as np
 import tensorflow as tf
 from trainer import config as config_lib, distribute, train
 
-config = config_lib.resolve(config_lib.override(config_lib.Config(), {
+config = checks.resolve(config_lib.override(config_lib.Config(), {
     "backbone": "hub", "hub_handle": sys.argv[1], "trainable": False, "image_size": 16,
     "precision": "float32", "jit_compile": "true", "workdir": "unused"}))
 strategy = tf.distribute.get_strategy()

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from trainer import checks
 from trainer import config as config_lib
 from trainer import experiments
 from trainer import predict, train
@@ -40,7 +41,7 @@ def photos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def export_dir(photos, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run") / "colours"
-    train.train_and_evaluate(config_lib.resolve(config_lib.override(
+    train.train_and_evaluate(checks.resolve(config_lib.override(
         experiments.preset("smoke"),
         {"image_dir": str(photos), "image_size": 16, "wrn_width": 1, "batch_size": 8,
          "epochs": 1, "workdir": str(workdir)})))

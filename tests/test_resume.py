@@ -13,6 +13,7 @@ import tf_keras as keras
 
 import faults
 from trainer import callbacks as callbacks_lib
+from trainer import checks
 from trainer import config as config_lib
 from trainer import experiments
 from trainer import models, train
@@ -26,7 +27,7 @@ FLAGS = [f"{config_lib.flag(k)}={v}" for k, v in TINY.items()]
 
 
 def tiny_config(workdir, **values):
-    return config_lib.resolve(config_lib.override(
+    return checks.resolve(config_lib.override(
         experiments.preset("smoke"), {**TINY, "workdir": str(workdir), **values}))
 
 

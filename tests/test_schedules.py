@@ -11,6 +11,7 @@ import tf_keras as keras
 from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import callbacks as callbacks_lib
+from trainer import checks
 from trainer import config as config_lib
 from trainer import experiments
 from trainer import compare, schedules, train
@@ -94,7 +95,7 @@ def test_mixup_is_on_from_20000_training_images():
 # --- What the rule sets in the configuration ------------------------------------
 
 def rule_config(**values):
-    return config_lib.resolve(experiments.configure(None, {"schedule": "bit_hyperrule", **values}))
+    return checks.resolve(experiments.configure(None, {"schedule": "bit_hyperrule", **values}))
 
 
 def test_schedule_brings_the_rest_of_the_rule_unless_told_otherwise():
@@ -111,18 +112,18 @@ def test_schedule_brings_the_rest_of_the_rule_unless_told_otherwise():
             given.train.epochs, given.data.image_size, given.data.mixup_alpha,
             given.train.learning_rate, given.train.total_steps) == (
         "adam", 3, "flip_crop", 5, 64, 0.0, 0.01, 100)
-    constant = config_lib.resolve(experiments.configure(None, {}))
+    constant = checks.resolve(experiments.configure(None, {}))
     assert (constant.train.optimizer, constant.data.augment, constant.data.image_size) == (
         "adam", "none", 224)
 
 
 def test_preset_fine_tunes_bit_m_r50x1_on_flowers():
-    preset = config_lib.resolve(experiments.configure("bit_hyperrule", {}))
+    preset = checks.resolve(experiments.configure("bit_hyperrule", {}))
     assert (preset.model.backbone, preset.model.bit_variant, preset.model.trainable) == (
         "bit", "m-r50x1", True)
     assert (preset.data.dataset, preset.train.schedule, preset.train.optimizer) == (
         "tf_flowers", "bit_hyperrule", "sgd")
-    other = config_lib.resolve(experiments.configure("bit_hyperrule", {"bit_variant": "s-r101x3"}))
+    other = checks.resolve(experiments.configure("bit_hyperrule", {"bit_variant": "s-r101x3"}))
     assert other.model.bit_variant == "s-r101x3"
 
 
@@ -139,7 +140,7 @@ def test_preset_fine_tunes_bit_m_r50x1_on_flowers():
 ])
 def test_bad_rule_values_name_their_flag(values, flag):
     with pytest.raises(UserError, match=flag):
-        config_lib.resolve(experiments.configure(None, values))
+        checks.resolve(experiments.configure(None, values))
 
 
 def fake_source(num_train, height=32, width=32):
@@ -287,7 +288,7 @@ def step_rates(logdir):
 def test_rule_run_takes_the_rules_steps_logs_each_rate_and_resumes_at_the_right_step(
         tmp_path, monkeypatch):
     workdir = tmp_path / "run"
-    config = config_lib.resolve(experiments.configure(None, {**TINY_RULE, "workdir": str(workdir)}))
+    config = checks.resolve(experiments.configure(None, {**TINY_RULE, "workdir": str(workdir)}))
     create_callbacks = callbacks_lib.create_callbacks
     monkeypatch.setattr(train.callbacks_lib, "create_callbacks",
                         lambda *a, **k: create_callbacks(*a, **k) + [InterruptAfterFirstEpoch()])

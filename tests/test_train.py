@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
+from trainer import checks
 from trainer import config as config_lib
 from trainer import experiments
 from trainer import train
@@ -20,7 +21,7 @@ TINY = {"experiment": "smoke", "synthetic_examples": 120, "image_size": 16, "wrn
 
 
 def tiny_config(workdir, **values):
-    return config_lib.resolve(config_lib.override(
+    return checks.resolve(config_lib.override(
         experiments.preset("smoke"), {**TINY, "workdir": str(workdir), **values}))
 
 

@@ -23,6 +23,7 @@ from absl import app, flags, logging  # noqa: E402  after the SIGTERM handler
 import tensorflow_hub  # noqa: E402,F401  pylint: disable=unused-import
 
 from trainer import cli, experiments, train  # noqa: E402
+from trainer import checks
 from trainer import config as config_lib  # noqa: E402
 from trainer.cli import fail, parse_flags  # noqa: E402
 from trainer.callbacks import TrainingError  # noqa: E402
@@ -56,7 +57,7 @@ def quiet_library_info_lines() -> None:
 def config_from_flags(flag_values: flags.FlagValues) -> config_lib.Config:
     """Preset (or defaults) overridden by every flag given on the command line."""
     given = cli.given_values(flag_values, CONFIG_FLAGS)
-    return config_lib.resolve(experiments.configure(flag_values.experiment, given))
+    return checks.resolve(experiments.configure(flag_values.experiment, given))
 
 
 def main(argv: list[str]) -> None:

@@ -20,6 +20,7 @@ import tf_keras as keras
 from absl import logging
 
 from trainer import callbacks as callbacks_lib
+from trainer import checks
 from trainer import config as config_lib
 from trainer import backbones, distribute, export, models, schedules, sigterm
 from trainer import workdir as workdir_lib
@@ -81,7 +82,7 @@ def choose_from_data(config: Config, source: sources.DataSource) -> Config:
         values["learning_rate"] = schedules.peak_learning_rate(d.global_batch_size)
     if t.schedule == "bit_hyperrule" and t.total_steps is None:
         values["total_steps"] = schedules.rule_supports(num_train)[-1]
-        config_lib.check_epochs_divide(t.epochs, values["total_steps"],
+        checks.check_epochs_divide(t.epochs, values["total_steps"],
                                        f"BiT-HyperRule's length for {num_train} training images")
     if d.image_size is None or (d.augment == "resize_crop" and d.resize_size is None):
         height, width = source.typical_image_size()
@@ -95,7 +96,7 @@ def choose_from_data(config: Config, source: sources.DataSource) -> Config:
     if not values:
         return config
     chosen = config_lib.override(config, values)
-    config_lib.check(chosen)
+    checks.check(chosen)
     logging.info("Chosen from the data: %s.",
                  ", ".join(f"{config_lib.flag(k)}={v:g}" if isinstance(v, float)
                            else f"{config_lib.flag(k)}={v}" for k, v in values.items()))
@@ -230,6 +231,54 @@ def create_compiled_model(
     return model
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a run trains with: made by `setup`, the same way for a run and for the benchmark."""
+
+    config: Config  # with the choices made from the data filled in
+    source: sources.DataSource  # its cache decided
+    steps_per_epoch: int
+    schedule: schedules.HyperRuleSchedule | None  # None: the constant rate
+    compute: Compute
+    train_data: tf.distribute.DistributedDataset | tf.data.Dataset
+    val_data: tf.distribute.DistributedDataset | tf.data.Dataset
+    model: keras.Model  # compiled, in the strategy's scope
+
+
+def setup(config: Config, strategy: tf.distribute.Strategy,
+          cache_dir: str | None = None) -> Setup:
+    """Checks the backbone's weights, then makes the data, the compute choices, the
+    distributed input and the compiled model of a run, logging each choice.
+
+    Args:
+      config: the run's configuration (resolved).
+      strategy: the run's strategy (created first: under TF_CONFIG it names the chief).
+      cache_dir: the run's directory for file caches; None: no file cache unless
+        --cache names a directory.
+
+    Raises:
+      UserError: bad data, weights, hub handle or settings; names the flag.
+    """
+    backbones.spec(config.model.backbone).check_source(config.model)  # before a long data download
+    config, source, steps_per_epoch, schedule = prepare_data(
+        config, cache_dir=cache_dir, input_pipelines=distribute.num_workers(strategy))
+    logging.info("Data: %d classes, %d training and %d validation examples, %d steps per epoch.",
+                 source.num_classes, source.sizes["train"], source.sizes["val"], steps_per_epoch)
+    compute = choose_compute(config, strategy, steps_per_epoch)
+    global_batch_size = config.data.global_batch_size
+    logging.info("Strategy %s with %d replicas (batch %d each). Precision %s: %s. "
+                 "jit_compile %s: %s. %d steps per execution: %s.",
+                 type(strategy).__name__.lstrip("_"), strategy.num_replicas_in_sync,
+                 per_replica_batch_size(global_batch_size, strategy),
+                 distribute.precision_words(compute.computes_in), compute.precision_reason,
+                 compute.jit_compile, compute.jit_compile_reason,
+                 compute.steps_per_execution, compute.steps_per_execution_reason)
+    train_data, val_data = (distributed_dataset(source, split, strategy, global_batch_size)
+                            for split in ("train", "val"))
+    model = create_compiled_model(config, strategy, source.num_classes, compute, schedule)
+    return Setup(config, source, steps_per_epoch, schedule, compute, train_data, val_data, model)
+
+
 def train_and_evaluate(config: Config) -> dict[str, Any]:
     """Trains, evaluates and exports the run `config` describes (see module docstring).
 
@@ -269,23 +318,11 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
     strategy_name = type(strategy).__name__.lstrip("_")
     keras.utils.set_random_seed(config.seed)
 
-    backbones.spec(config.model.backbone).check_source(config.model)  # before a long data download
-    config, source, steps_per_epoch, schedule = prepare_data(
-        config, cache_dir=os.path.join(workdir, cache.WORKDIR_CACHE),
-        input_pipelines=distribute.num_workers(strategy))
+    run = setup(config, strategy, cache_dir=os.path.join(workdir, cache.WORKDIR_CACHE))
+    config, source, steps_per_epoch, schedule, compute, model = (
+        run.config, run.source, run.steps_per_epoch, run.schedule, run.compute, run.model)
     num_train = source.sizes["train"]
-    logging.info("Data: %d classes, %d training and %d validation examples, %d steps per epoch.",
-                 source.num_classes, num_train, source.sizes["val"], steps_per_epoch)
-    compute = choose_compute(config, strategy, steps_per_epoch)
-    logging.info("Strategy %s with %d replicas (batch %d each). Precision %s: %s. "
-                 "jit_compile %s: %s. %d steps per execution: %s.", strategy_name, replicas,
-                 per_replica_batch, distribute.precision_words(compute.computes_in),
-                 compute.precision_reason, compute.jit_compile, compute.jit_compile_reason,
-                 compute.steps_per_execution, compute.steps_per_execution_reason)
-    train_ds, val_ds = (distributed_dataset(source, split, strategy, global_batch_size)
-                        for split in ("train", "val"))
-
-    model = create_compiled_model(config, strategy, source.num_classes, compute, schedule)
+    train_ds, val_ds = run.train_data, run.val_data
     if chief:
         # What the run computes in and compiles with, not what was asked for ("auto").
         hparams = {**config_lib.flatten(config), "precision": compute.precision,

@@ -21,6 +21,7 @@ from typing import Any
 import tf_keras as keras
 from absl import logging
 
+from trainer import checks
 from trainer import config as config_lib
 from trainer.bench import report as report_lib
 from trainer.bench import scenarios as scenarios_lib
@@ -98,7 +99,7 @@ def trainer_config(settings: Settings, scenario: scenarios_lib.Scenario, folder:
         # Nothing is evaluated, but a DataSource needs a validation split: one image.
         "val_fraction": 1 / num_files,
     }
-    return config_lib.resolve(config_lib.override(settings.trainer, values))
+    return checks.resolve(config_lib.override(settings.trainer, values))
 
 
 def run(settings: Settings, command: str) -> dict[str, Any]:

@@ -198,14 +198,10 @@ def create_side(name: str, config: Config) -> Side:
     batch = config.data.global_batch_size
     if name == "trainer":
         strategy = distribute.create_strategy(config.train)
-        config, source, steps_per_epoch, schedule = train_lib.prepare_data(config)
-        compute = train_lib.choose_compute(config, strategy, steps_per_epoch)
-        dataset = train_lib.distributed_dataset(source, "train", strategy, batch)
-        model = train_lib.create_compiled_model(config, strategy, source.num_classes, compute,
-                                                schedule)
-        return Side(name, model, dataset, compute, type(strategy).__name__.lstrip("_"),
-                    strategy.num_replicas_in_sync,
-                    images_per_call=batch * compute.steps_per_execution)
+        run = train_lib.setup(config, strategy)
+        return Side(name, run.model, run.train_data, run.compute,
+                    type(strategy).__name__.lstrip("_"), strategy.num_replicas_in_sync,
+                    images_per_call=batch * run.compute.steps_per_execution)
     source = sources.create_data_source(config.data, config.seed)
     if name == "reference":
         model = reference.create_model(config, source.num_classes)
