@@ -22,7 +22,7 @@ from absl import logging
 from trainer import callbacks as callbacks_lib
 from trainer import checks
 from trainer import config as config_lib
-from trainer import backbones, distribute, export, models, schedules, sigterm
+from trainer import backbones, distribute, export, models, preflight, schedules, sigterm
 from trainer import workdir as workdir_lib
 from trainer.config import Config, UserError
 from trainer.data import cache, pipeline, sources
@@ -291,7 +291,9 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
       sigterm.Preempted: SIGTERM arrived; a rerun resumes or completes the run.
       PeerLost: a multi-worker peer stopped answering.
     """
-    # The strategy comes first: under TF_CONFIG it decides who the chief is.
+    # Every input named and reachable, before the workdir is made or anything fetched.
+    preflight.check(config)
+    # Then the strategy: under TF_CONFIG it decides who the chief is.
     strategy = distribute.create_strategy(config.train)
     chief = distribute.is_chief(strategy)
     # The run sets the global policy for its model; its caller gets its own back.
