@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from trainer import compare
+from trainer import backbones, compare, hparams
 from trainer import checks
 from trainer import config as config_lib
 from trainer import experiments
@@ -123,10 +123,18 @@ def test_hparams_experiment_is_written_once_at_the_parent(parent, report):
                 data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
                 experiments.append(data.experiment)
     (experiment,) = experiments
-    hparams = {info.name: info for info in experiment.hparam_infos}
-    assert set(compare.KEY_HPARAMS) <= set(hparams)
-    assert "epochs" in hparams  # differs between the runs
-    assert sorted(v.number_value for v in hparams["learning_rate"].domain_discrete.values) == [1e-4, 1e-2]
+    infos = {info.name: info for info in experiment.hparam_infos}
+    assert set(hparams.KEY_HPARAMS) <= set(infos)
+    assert "epochs" in infos  # differs between the runs
+    assert sorted(v.number_value for v in infos["learning_rate"].domain_discrete.values) == [1e-4, 1e-2]
+    # The dashboard opens on five key settings, those that differ first: the rate, and the
+    # precision (the unfinished runs only show what they asked for).
+    shown = {info.name for info in experiment.hparam_infos if info.differs}
+    assert len(shown) == hparams.SHOWN_HPARAMS and shown <= set(hparams.KEY_HPARAMS)
+    assert {"learning_rate", "precision", "backbone"} <= shown
+    assert hparams.shown_first([{"learning_rate": 1, "dataset": "a"},
+                                {"learning_rate": 2, "dataset": "b"}])[:2] == (
+        "learning_rate", "dataset")
     metrics = {(m.name.group, m.name.tag) for m in experiment.metric_infos}
     assert ("validation", "epoch_accuracy") in metrics and ("train", "epoch_loss") in metrics
 
@@ -163,7 +171,7 @@ def test_a_missing_run_is_a_row_not_an_error(parent, tmp_path):
 ])
 def test_the_weights_column_names_what_the_run_started_from(values, weights):
     # A native BiT run is no hub run, whatever its weights.
-    assert compare.weights_of(values) == weights
+    assert backbones.weights_of(values) == weights
 
 
 def test_names_are_made_unique_when_run_directories_share_a_name():

@@ -17,8 +17,8 @@ from typing import Any, Callable
 import tensorflow as tf
 import tf_keras as keras
 from absl import logging
-from tensorboard.plugins.hparams import api as hparams_api
 
+from trainer import hparams as hparams_lib
 from trainer import sigterm
 from trainer import workdir as workdir_lib
 from trainer.sigterm import Preempted
@@ -292,14 +292,9 @@ def create_callbacks(workdir: str, *, epochs: int, patience: int, images_per_epo
 
 
 def write_run_summaries(workdir: str, hparams: dict[str, Any], images: tf.Tensor) -> None:
-    """Writes the run's HParams and a few input images for TensorBoard (chief only)."""
-    # HParams at the run's root so TensorBoard pairs them with train/ and validation/.
-    root = tf.summary.create_file_writer(workdir)
-    with root.as_default():
-        hparams_api.hparams(
-            {k: ("" if v is None else v) for k, v in hparams.items()},
-            trial_id=os.path.basename(os.path.abspath(workdir)))
-    root.close()
+    """Writes the run's HParams (hparams.run_values) and a few input images for
+    TensorBoard (chief only)."""
+    hparams_lib.write_run(workdir, hparams)
     train = tf.summary.create_file_writer(os.path.join(workdir, "train"))
     with train.as_default():
         tf.summary.image("input_images", images, step=0, max_outputs=int(images.shape[0]))

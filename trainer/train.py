@@ -22,7 +22,7 @@ from absl import logging
 from trainer import callbacks as callbacks_lib
 from trainer import checks
 from trainer import config as config_lib
-from trainer import backbones, distribute, export, models, preflight, schedules, sigterm
+from trainer import backbones, distribute, export, hparams, models, preflight, schedules, sigterm
 from trainer import workdir as workdir_lib
 from trainer.config import Config, UserError
 from trainer.data import cache, pipeline, sources
@@ -327,9 +327,9 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
     train_ds, val_ds = run.train_data, run.val_data
     if chief:
         # What the run computes in and compiles with, not what was asked for ("auto").
-        hparams = {**config_lib.flatten(config), "precision": compute.precision,
-                   "jit_compile": compute.jit_compile}
-        callbacks_lib.write_run_summaries(workdir, hparams,
+        values = hparams.run_values(config_lib.flatten(config), {
+            "precision": compute.precision, "jit_compile": compute.jit_compile})
+        callbacks_lib.write_run_summaries(workdir, values,
                                           pipeline.preview(source, PREVIEW_IMAGES))
 
     started = time.time()

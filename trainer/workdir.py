@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 from absl import logging
 
+from trainer import checks
 from trainer import config as config_lib
 from trainer import files
 from trainer.config import Config, UserError
@@ -231,7 +232,7 @@ def read_config(workdir: str) -> Config | None:
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return config_lib.from_json(f.read())
+        return checks.data_used(config_lib.from_json(f.read()))
 
 
 def prepare(config: Config, chief: bool) -> dict[str, Any] | None:

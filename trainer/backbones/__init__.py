@@ -146,6 +146,14 @@ def names() -> tuple[str, ...]:
     return tuple(spec.name for spec in specs())
 
 
+def weights_of(config: Mapping[str, Any]) -> str | None:
+    """Where a run's backbone started from, in its spec's words, from the run's flat config
+    (config.json's sections merged); None for a backbone no longer registered."""
+    if config.get("backbone") not in names():
+        return None
+    return spec(config["backbone"]).weights(config)
+
+
 def spec(name: str) -> Spec:
     """The backbone called `name`.
 
