@@ -17,6 +17,7 @@ from trainer import checks
 from trainer import config as config_lib
 from trainer import experiments
 from trainer import train
+from trainer import workdir as workdir_lib
 
 TINY = {"synthetic_examples": 64, "image_size": 16, "wrn_width": 1, "batch_size": 16,
         "export": False}
@@ -65,7 +66,7 @@ def test_rows_match_the_runs_and_are_sorted(parent, report):
         assert row["final_val_accuracy"] == done["final_val_accuracy"]
         assert row["epochs"] == done["epochs_completed"]
         assert row["train_images_per_sec"] == done["train_images_per_sec"]
-        assert row["wall_time_sec"] == done["wall_time_sec"]
+        assert row["total_epoch_time_sec"] == done["total_epoch_time_sec"]
         assert row["replicas"] == done["num_replicas"] == 1
         assert row["precision"] == done["precision"]
         assert row["learning_rate"] == config["train"]["learning_rate"]
@@ -137,6 +138,17 @@ def test_hparams_experiment_is_written_once_at_the_parent(parent, report):
         "learning_rate", "dataset")
     metrics = {(m.name.group, m.name.tag) for m in experiment.metric_infos}
     assert ("validation", "epoch_accuracy") in metrics and ("train", "epoch_loss") in metrics
+
+
+def test_runs_of_earlier_versions_are_read_with_their_names(tmp_path):
+    # summary.json called the sum of epoch times wall_time_sec; history.csv epoch_seconds.
+    os.makedirs(tmp_path / "old")
+    (tmp_path / "old" / "summary.json").write_text(json.dumps({"wall_time_sec": 12.5}))
+    row = compare.report_row(compare.read_run(str(tmp_path / "old"), "old"))
+    assert row["total_epoch_time_sec"] == 12.5
+    resumed = [{"epoch": 1, "epoch_seconds": 2.0, "images_per_sec": 1.0},
+               {"epoch": 2, "seconds": 3.0, "images_per_sec": 1.0}]
+    assert workdir_lib.summarize(resumed, None)["total_epoch_time_sec"] == 5.0
 
 
 def test_unreadable_run_is_reported_not_fatal(tmp_path):

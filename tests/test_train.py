@@ -50,11 +50,13 @@ def test_run_writes_every_artefact(finished_run):
     with open(workdir / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert [row["epoch"] for row in rows] == ["1", "2"]
-    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_sec"} <= set(rows[0])
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_sec",
+            "seconds"} <= set(rows[0])
+    assert summary["total_epoch_time_sec"] == pytest.approx(sum(float(r["seconds"]) for r in rows))
     on_disk = json.loads((workdir / "summary.json").read_text())
     assert on_disk == summary
     for key in ("best_val_accuracy", "final_val_accuracy", "epochs_completed", "train_images_per_sec",
-                "wall_time_sec", "num_replicas", "precision"):
+                "total_epoch_time_sec", "num_replicas", "precision"):
         assert key in summary, key
     assert summary["epochs_completed"] == 2 and summary["num_replicas"] == 1
     assert summary["best_val_accuracy"] == max(float(row["val_accuracy"]) for row in rows)
@@ -67,7 +69,8 @@ def test_run_writes_every_artefact(finished_run):
 def test_tensorboard_logs_have_the_expected_tags(finished_run):
     workdir, _ = finished_run
     assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate", "epoch_images_per_sec",
-            "input_images"} <= tags(workdir / "train")
+            "epoch_seconds", "input_images"} <= tags(workdir / "train")
+    assert not [tag for tag in tags(workdir / "train") if tag.startswith("epoch_epoch")]
     assert {"epoch_loss", "epoch_accuracy"} <= tags(workdir / "validation")
     assert {"_hparams_/session_start_info", "_hparams_/experiment"} <= tags(workdir)
 

@@ -81,12 +81,13 @@ class EpochStats(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         logs["learning_rate"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))
         logs["images_per_sec"] = self.images_per_epoch / max(train_seconds, 1e-9)
-        logs["epoch_seconds"] = now - self._epoch_start
+        # Keras' TensorBoard callback prefixes "epoch_": the scalar reads epoch_seconds.
+        logs[workdir_lib.SECONDS] = now - self._epoch_start
         logging.info(
             "Epoch %d/%d: %s, %.0f images/s, %.1f s", epoch + 1, self.epochs,
             ", ".join(f"{k} {v:.4g}" for k, v in logs.items()
                       if k in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")),
-            logs["images_per_sec"], logs["epoch_seconds"])
+            logs["images_per_sec"], logs[workdir_lib.SECONDS])
         self._epoch_start = 0.0
         loss = float(logs.get("loss", 0.0))
         if diverged(loss, self.first_epoch_loss, self.num_classes):
