@@ -163,7 +163,8 @@ class Config:
     workdir: str | None = setting(
         None, "Directory of the run; rerunning with it resumes. Default: runs/<experiment or "
         "backbone>.")
-    seed: int = setting(0, "Seeds the split, shuffling and initialisation.")
+    seed: int = setting(0, "Seeds the split of an image folder or synthetic data (a TFDS "
+                        "dataset is split in its stored order), shuffling and initialisation.")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
