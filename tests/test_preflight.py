@@ -126,4 +126,4 @@ def test_hosts_are_looked_up_once_each(monkeypatch):
     preflight.require([preflight.Remote("--a", "a", "https://example.org/a", ""),
                        preflight.Remote("--b", "b", "https://example.org/b", ""),
                        preflight.Remote("--data_dir", "c", "gs://bucket/data", "")])
-    assert sorted(looked_up) == ["https://example.org/a", f"https://{preflight.GCS_HOST}"]
+    assert sorted(looked_up) == ["https://example.org", f"https://{preflight.GCS_HOST}"]

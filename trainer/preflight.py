@@ -94,20 +94,15 @@ def workdir_needs(workdir: str) -> list[Need]:
 
 
 def _resolving_hosts(remotes: Sequence[Remote]) -> dict[str, bool]:
-    """Whether each remote's host resolves, looked up in parallel (one look-up per host)."""
+    """Whether each remote's host resolves, looked up in parallel, once per host."""
     from trainer.data import sources  # imports TensorFlow
 
-    first_url = {}
-    for remote in remotes:
-        first_url.setdefault(host(remote.url), remote.url)
-    first_url.pop(None, None)
-    if not first_url:
+    hosts = sorted({host(remote.url) for remote in remotes} - {None})
+    if not hosts:
         return {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(first_url)) as pool:
-        # The URL's own host, except gs:// (read through Cloud Storage's).
-        urls = [url if not url.startswith("gs://") else f"https://{GCS_HOST}"
-                for url in first_url.values()]
-        return dict(zip(first_url, pool.map(sources.host_resolves, urls)))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(hosts)) as pool:
+        return dict(zip(hosts, pool.map(lambda name: sources.host_resolves(f"https://{name}"),
+                                        hosts)))
 
 
 def problems(needs: Sequence[Need]) -> list[str]:
@@ -125,8 +120,7 @@ def problems(needs: Sequence[Need]) -> list[str]:
 
 
 def require(needs: Sequence[Need]) -> None:
-    """Raises one UserError with every problem of `needs` (see `problems`); logs what the
-    run will fetch when there is none.
+    """Raises one UserError with every problem of `needs` (see `problems`).
 
     Raises:
       UserError: a local input cannot be used, or a remote one's host does not resolve.
@@ -137,19 +131,20 @@ def require(needs: Sequence[Need]) -> None:
     if found:
         raise UserError(f"{len(found)} of the run's inputs are missing or unusable: " + " ".join(
             f"({i}) {message}" for i, message in enumerate(found, start=1)))
-    for remote in (need for need in needs if isinstance(need, Remote)):
-        logging.info("%s is not here: it will be fetched from %s (%s supplies a local copy).",
-                     remote.what[:1].upper() + remote.what[1:], remote.url, remote.flag)
 
 
 def check(config: Config) -> None:
     """Checks every input of the run `config` describes, before anything is downloaded or
-    built (see the module docstring).
+    built (see the module docstring); logs what the run will fetch.
 
     Raises:
       UserError: naming the flag of every input that cannot be had.
     """
     from trainer.data import sources  # imports TensorFlow
 
-    require([*workdir_needs(config.workdir), *sources.needs(config.data),
-             *backbones.spec(config.model.backbone).needs(config.model)])
+    needs = [*workdir_needs(config.workdir), *sources.needs(config.data),
+             *backbones.spec(config.model.backbone).needs(config.model)]
+    require(needs)
+    for remote in (need for need in needs if isinstance(need, Remote)):
+        logging.info("%s is not here: it will be fetched from %s (%s supplies a local copy).",
+                     remote.what[:1].upper() + remote.what[1:], remote.url, remote.flag)

@@ -3,8 +3,9 @@
 Each module in MODULES declares `SPECS`, a tuple of `Spec`: whether the
 backbone starts pretrained, whether it follows the precision policy, its
 BatchNorm layers, variants, input range, how reports name its weights, its
-checks, the inputs it needs (trainer/preflight.py), and `build`. Configuration checks, the compute and XLA choices, the
-model, compare and the benchmark ask the spec; none keeps a list of names.
+checks, the inputs it needs (trainer/preflight.py), and `build`. Configuration
+checks, the compute and XLA choices, the model, compare and the benchmark ask
+the spec; none keeps a list of names.
 Adding a backbone is its module plus one line in MODULES.
 
 No TensorFlow here or in a backbone module at import time (`build` and the

@@ -178,7 +178,10 @@ def image_folder_problem(image_dir: str) -> str | None:
     sub-folders), from its listing alone; None when it may be."""
     if not os.path.isdir(image_dir):
         return f"--image_dir={image_dir} is not a directory."
-    found = _class_folders(image_dir)
+    try:
+        found = _class_folders(image_dir)
+    except OSError as e:
+        return f"--image_dir={image_dir} cannot be read ({e.strerror})."
     if len(found) < 2:
         return (f"--image_dir={image_dir} must hold at least 2 class sub-folders with images "
                 f"({IMAGE_EXTENSIONS}); found {len(found)}: {found}.")
