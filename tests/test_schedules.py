@@ -176,7 +176,7 @@ def test_resolution_is_chosen_from_the_images_area_unless_given():
 
 
 def test_the_log_names_only_what_was_chosen_from_the_data_with_the_real_sizes(caplog):
-    caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")  # other tests' flags may have raised its level
     train.choose_from_data(rule_config(image_size=224, batch_size=64), fake_source(SMALL, 96, 96))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Chosen from")]
     assert lines == [
