@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 from absl import logging
 
+from trainer import checks
 from trainer import config as config_lib
 from trainer import files
 from trainer.config import Config, UserError
@@ -37,6 +38,8 @@ BEST_CHECKPOINT = os.path.join(CHECKPOINTS_DIR, "best")  # a directory, publishe
 BEST_WEIGHTS = "weights"  # checkpoint prefix inside BEST_CHECKPOINT
 BEST_EPOCH_FILE = "epoch.json"  # inside BEST_CHECKPOINT: which epoch its weights are
 MONITOR = "val_accuracy"  # the history column that decides the best epoch (higher is better)
+SECONDS = "seconds"  # the history column of an epoch's time, training and validation
+OLD_SECONDS = "epoch_seconds"  # its name in rows written before (TensorBoard: epoch_epoch_seconds)
 
 
 @contextlib.contextmanager
@@ -168,7 +171,9 @@ def summarize(history: list[dict[str, Any]], final_val_accuracy: float, **extra:
         "last_epoch_val_accuracy": history[-1].get("val_accuracy"),
         "epochs_completed": len(history),
         "train_images_per_sec": statistics.median(steady),
-        "wall_time_sec": sum(row["epoch_seconds"] for row in history),
+        # Not wall time: start-up, caching, evaluation and exports are left out.
+        "total_epoch_time_sec": sum(row.get(SECONDS, row.get(OLD_SECONDS, 0.0))
+                                    for row in history),
         **extra,
     }
 
@@ -231,7 +236,7 @@ def read_config(workdir: str) -> Config | None:
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return config_lib.from_json(f.read())
+        return checks.data_used(config_lib.from_json(f.read()))
 
 
 def prepare(config: Config, chief: bool) -> dict[str, Any] | None:
