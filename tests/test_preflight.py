@@ -127,3 +127,19 @@ def test_hosts_are_looked_up_once_each(monkeypatch):
                        preflight.Remote("--b", "b", "https://example.org/b", ""),
                        preflight.Remote("--data_dir", "c", "gs://bucket/data", "")])
     assert sorted(looked_up) == ["https://example.org", f"https://{preflight.GCS_HOST}"]
+
+
+def test_a_finished_run_is_complete_without_its_inputs_but_a_changed_one_is_checked(
+        image_dir, tmp_path):
+    import shutil
+
+    from trainer import train
+
+    config = tiny(backbone="wide_resnet", image_dir=image_dir, image_size=16, epochs=1,
+                  global_batch_size=4, wrn_width=1, precision="float32", jit_compile="false",
+                  workdir=str(tmp_path / "run"), export=False)
+    summary = train.train_and_evaluate(config)
+    shutil.rmtree(image_dir)
+    assert train.train_and_evaluate(config) == summary  # nothing to do, nothing to read
+    with pytest.raises(UserError, match="--image_dir"):  # more epochs need the images
+        train.train_and_evaluate(config_lib.override(config, {"epochs": 2}))

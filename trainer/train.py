@@ -305,8 +305,10 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
       sigterm.Preempted: SIGTERM arrived; a rerun resumes or completes the run.
       PeerLost: a multi-worker peer stopped answering.
     """
-    # Every input named and reachable, before the workdir is made or anything fetched.
-    preflight.check(config)
+    # Every input named and reachable, before the workdir is made or anything fetched;
+    # a finished run needs none of them to say so.
+    if not workdir_lib.complete(config):
+        preflight.check(config)
     # Then the strategy: under TF_CONFIG it decides who the chief is.
     strategy = distribute.create_strategy(config.train)
     chief = distribute.is_chief(strategy)

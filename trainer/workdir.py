@@ -239,6 +239,22 @@ def read_config(workdir: str) -> Config | None:
         return checks.data_used(config_lib.from_json(f.read()))
 
 
+def finished(history: list[dict[str, Any]], config: Config) -> bool:
+    """Whether a run with these history.csv rows has nothing left to train under `config`:
+    all its epochs, or early stopping ended it."""
+    return len(history) >= config.train.epochs or early_stopping_done(
+        history, config.train.early_stopping_patience)
+
+
+def complete(config: Config) -> bool:
+    """Whether the workdir holds this run (its identity unchanged), finished under `config`:
+    a rerun then has nothing to do and needs none of its inputs. Read without the lock."""
+    previous = read_config(config.workdir)
+    if previous is None or read_summary(config.workdir) is None or differences(previous, config):
+        return False
+    return finished(read_history(os.path.join(config.workdir, HISTORY_FILE)), config)
+
+
 def prepare(config: Config, chief: bool) -> dict[str, Any] | None:
     """Checks the workdir holds a run of this config and records the attempt; returns the
     summary of a run that is finished under this config, else None.
@@ -272,8 +288,7 @@ def prepare(config: Config, chief: bool) -> dict[str, Any] | None:
                 f"--workdir={workdir} has completed; rerun with --epochs={len(history)} or more.")
     summary = read_summary(workdir)
     if summary is not None:
-        if len(history) >= config.train.epochs or early_stopping_done(
-                history, config.train.early_stopping_patience):
+        if finished(history, config):
             return summary
         logging.info("The run in %s finished after %d epochs; continuing it up to --epochs=%d "
                      "(--early_stopping_patience=%d).", workdir, len(history),
