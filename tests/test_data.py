@@ -415,3 +415,42 @@ def test_a_misspelt_cache_mode_is_an_error_not_a_directory():
         checks.resolve(config_lib.override(config_lib.Config(), {"cache": "memroy"}))
     resolved = checks.resolve(config_lib.override(config_lib.Config(), {"cache": "./cache"}))
     assert resolved.data.cache == "./cache"
+
+
+def test_every_dct_scale_decodes_from_the_listings_headers_in_order_with_failures_named(
+        tmp_path, caplog):
+    """Files of every scale group (four JPEG scales, PNG) decode in their own streams and
+    come back in the split's order, each as decoding it alone gives; cut files of two
+    groups, one the very last, are left out and named."""
+    root = tmp_path / "scales"
+    sides = {0: (20, 24), 1: (40, 50), 2: (70, 90), 3: (140, 150)}  # ratio index: (h, w) at 16 px
+    rng = np.random.default_rng(0)
+    for k in range(24):
+        folder = root / CLASSES[k % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        height, width = sides[k % 4] if k % 5 else (30, 20)
+        pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{k:02d}.{'jpg' if k % 5 else 'png'}")
+    for name in ("01.jpg", "23.jpg"):  # the last of the listing too
+        path = root / CLASSES[int(name[:2]) % 2] / name
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) * 3 // 4])  # header intact, body cut short
+    source = sources.create_data_source(folder_config(str(root), val_fraction=0.5), seed=1)
+    examples = [source.example_names[split](k) for split in ("train", "val")
+                for k in range(source.sizes[split])]
+    assert set(decode.scale_groups(np.concatenate(list(source.jpeg_shapes.values())), 16)) == {
+        0, 1, 2, 3, decode.OTHER_FORMATS}
+
+    decoded = []
+    for split in ("train", "val"):
+        skips = decode.DecodeSkips(source.example_names[split], source.sizes[split])
+        positions = np.arange(source.sizes[split])
+        decoded += [image.numpy() for image, _ in decode.decode_at_known_scales(
+            source.examples_at[split], positions, source.jpeg_shapes[split], 16, skips)]
+    good = [name for name in examples if not name.endswith(("01.jpg", "23.jpg"))]
+    assert len(decoded) == len(good) == 22
+    for image, name in zip(decoded, good):
+        with open(name, "rb") as f:
+            assert np.array_equal(image, decode.decode_image(tf.constant(f.read()), 16).numpy()), name
+    left_out = " ".join(r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage())
+    assert "01.jpg" in left_out and "23.jpg" in left_out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -65,18 +66,24 @@ def create_dataset(
     waits on an uneven shard.
     """
     training = split == "train"
-    ds = source.examples[split]()
     num_pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline_id = input_context.input_pipeline_id if input_context else 0
     if not training or num_pipelines == 1:
         shard, num_shards = 0, 1
     else:
         shard, num_shards = pipeline_id, num_pipelines
-        ds = ds.shard(num_shards, shard)
+    positions = np.arange(shard, source.sizes[split], num_shards)  # this pipeline's examples
     names = source.example_names[split]
-    skips = decode.DecodeSkips(lambda k: names(shard + k * num_shards),
-                               len(range(shard, source.sizes[split], num_shards)))
-    ds = decode.decode_examples(ds, stored_size(source.config, split), source.encoded, skips)
+    skips = decode.DecodeSkips(lambda k: names(positions[k]), len(positions))
+    size = stored_size(source.config, split)
+    if source.examples_at is not None:
+        ds = decode.decode_at_known_scales(source.examples_at[split], positions,
+                                           source.jpeg_shapes[split], size, skips)
+    else:
+        ds = source.examples[split]()
+        if num_shards > 1:
+            ds = ds.shard(num_shards, shard)
+        ds = decode.decode_examples(ds, size, source.encoded, skips)
     ds = cache.cache_examples(ds, source.cache, split, source.fingerprint, shard, num_shards)
     if training:
         ds = ds.shuffle(SHUFFLE_BUFFER, seed=source.seed, reshuffle_each_iteration=True)
