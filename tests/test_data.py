@@ -204,6 +204,21 @@ def test_file_cache_changes_with_the_files_and_settings_and_keeps_no_stale_entry
     assert file_source(image_dir, cache_dir, image_size=20).fingerprint != same.fingerprint
 
 
+def test_runs_that_read_the_same_images_at_the_same_size_share_one_cache_name(image_dir):
+    def name(**kw):
+        return sources.create_data_source(folder_config(image_dir, **kw), 0).fingerprint
+
+    # The random parts come after the cache: a sweep of presets shares the decoded images.
+    assert name() == name(augment="flip_crop", mixup_alpha=0.1, global_batch_size=3)
+    assert name() != name(image_size=20)
+    # Random resized crops store the training images at --resize_size.
+    crops = name(augment="resize_crop", resize_size=20)
+    assert crops not in (name(), name(image_size=20))
+    assert crops == name(augment="resize_crop", resize_size=20, mixup_alpha=0.1)
+    assert name() != name(val_fraction=0.5)
+    assert name() != sources.create_data_source(folder_config(image_dir), 1).fingerprint
+
+
 def test_concurrent_writers_of_one_cache_each_write_their_own(image_dir, tmp_path):
     cache_dir = tmp_path / "cache"
     first, second = file_source(image_dir, cache_dir), file_source(image_dir, cache_dir)
@@ -216,6 +231,57 @@ def test_concurrent_writers_of_one_cache_each_write_their_own(image_dir, tmp_pat
     assert entries(cache_dir) == sorted([writing, f"val-{first.fingerprint}"])
     assert sum(1 for _ in slow) == 3  # first finishes its own pass; the published entry stays
     assert entries(cache_dir) == [f"val-{first.fingerprint}"]
+
+
+SHARED_CACHE_RUN = """
+import sys
+import numpy as np
+import tensorflow as tf
+from trainer.data import cache
+
+directory, pause = sys.argv[1], sys.argv[2] == "pause"
+
+def images():  # decoded images as a run's first pass delivers them
+    for label in range(4):
+        if pause and label == 2:  # halfway through writing: wait for the test's word
+            print("writing", flush=True)
+            sys.stdin.readline()
+        yield np.full((8, 8, 3), 10 * label, np.uint8), label
+
+spec = (tf.TensorSpec((8, 8, 3), tf.uint8), tf.TensorSpec((), tf.int64))
+ds = cache.cache_examples(tf.data.Dataset.from_generator(images, output_signature=spec),
+                          cache.CachePlan("file", directory), "train", "same-images", 0, 1)
+for passes in range(2):  # the second pass reads what the first wrote or found
+    print("read", [(int(x[0, 0, 0]), int(y)) for x, y in ds.as_numpy_iterator()], flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_a_cache_directory_publish_one_whole_entry(tmp_path):
+    """Two runs on one --cache=DIR, the first paused halfway through writing while the
+    second writes and publishes: each reads whole images, one entry is published, and
+    the paused writer's temporary goes away when it finishes. The processes wait on
+    each other's words (pipes), never on sleeps."""
+    cache_dir = tmp_path / "shared"
+    first = subprocess.Popen([sys.executable, "-c", SHARED_CACHE_RUN, str(cache_dir), "pause"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "writing\n"
+        (writing,) = entries(cache_dir)
+        assert ".tmp-" in writing
+        second = subprocess.run([sys.executable, "-c", SHARED_CACHE_RUN, str(cache_dir), "go"],
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stderr[-3000:]
+        expected = "read [(0, 0), (10, 1), (20, 2), (30, 3)]\n"
+        assert second.stdout == 2 * expected
+        assert entries(cache_dir) == sorted([writing, "train-0of1-same-images"])
+        first.stdin.write("go\n")
+        first.stdin.close()
+        assert first.stdout.read() == 2 * expected and first.wait(timeout=300) == 0
+    finally:
+        first.kill()
+        first.wait()
+    assert entries(cache_dir) == ["train-0of1-same-images"]
 
 
 WRITER_KILLED_MID_PASS = """

@@ -21,14 +21,6 @@ from trainer.data.sources import DataSource
 SHUFFLE_BUFFER = 2048  # images; splits are already randomly ordered once
 
 
-def stored_size(config: DataConfig, split: str) -> int:
-    """Pixels (square) a split's images are decoded and cached at."""
-    # Random resized crops keep the training images larger until the crop.
-    if split == "train" and config.augment == "resize_crop":
-        return config.resize_size
-    return config.image_size
-
-
 def choose_cache(source: DataSource, cache_dir: str | None = None,
                  input_pipelines: int = 1) -> DataSource:
     """Returns `source` with its cache decided (see cache.plan_cache), before any decoding.
@@ -43,7 +35,7 @@ def choose_cache(source: DataSource, cache_dir: str | None = None,
     Raises:
       UserError: the cache asked for cannot hold the images; names --cache.
     """
-    stored_sizes = {split: stored_size(source.config, split) for split in source.sizes}
+    stored_sizes = {split: cache.stored_size(source.config, split) for split in source.sizes}
     plan = cache.plan_cache(
         source.config.cache, cache.cache_bytes(source.sizes, stored_sizes, input_pipelines),
         cache_dir)
@@ -75,7 +67,7 @@ def create_dataset(
     positions = np.arange(shard, source.sizes[split], num_shards)  # this pipeline's examples
     names = source.example_names[split]
     skips = decode.DecodeSkips(lambda k: names(positions[k]), len(positions))
-    size = stored_size(source.config, split)
+    size = cache.stored_size(source.config, split)
     if source.examples_at is not None:
         ds = decode.decode_at_known_scales(source.examples_at[split], positions,
                                            source.jpeg_shapes[split], size, skips)
@@ -98,7 +90,7 @@ def preview(source: DataSource, count: int) -> tf.Tensor:
     """Returns up to `count` training images as the model sees them (uint8)."""
     # The training pass names undecodable files: no DecodeSkips here.
     ds = decode.decode_examples(source.examples["train"]().take(count),
-                                stored_size(source.config, "train"), source.encoded)
+                                cache.stored_size(source.config, "train"), source.encoded)
     ds = augment.augment_examples(ds, source.config.augment, source.config.image_size)
     ds = augment.mixup_batches(ds.batch(count), source.config.mixup_alpha, source.num_classes,
                                training=True)
