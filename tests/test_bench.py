@@ -68,7 +68,7 @@ def test_a_sweep_decodes_once_in_the_trainers_runs_and_in_every_reference_run(tm
     config = trainer_config(TINY_SETTINGS, TINY_PHOTOS, str(tmp_path / "photos"),
                             TINY_PHOTOS.train_images + 1)
 
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         figures = timing.time_sweep(config, 3, str(tmp_path / "cache"))
 
     runs = figures["all_runs"]

@@ -162,8 +162,8 @@ class DecodeSkips:
     The numbers are checked a chunk of CHUNK examples at a time, and Python runs
     only at a gap and at the end of a pass, where the pass's dropped examples are
     logged, each once however many passes decode (no cache: every epoch does).
-    Per example this costs a copy into a chunk and out of it (measured about 6x
-    cheaper than checking one example at a time: docs/benchmark.md).
+    Per example this costs a copy into a chunk and out of it, where checking each
+    example alone ran three more stages with a function call each (docs/benchmark.md).
     """
 
     SENTINEL = 2**62  # the number of the example after the last
