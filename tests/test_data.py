@@ -520,3 +520,10 @@ def test_every_dct_scale_decodes_from_the_listings_headers_in_order_with_failure
             assert np.array_equal(image, decode.decode_image(tf.constant(f.read()), 16).numpy()), name
     left_out = " ".join(r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage())
     assert "01.jpg" in left_out and "23.jpg" in left_out
+
+
+def test_a_worker_whose_training_shard_is_empty_reads_nothing(image_dir):
+    source = sources.create_data_source(folder_config(image_dir, val_fraction=0.9), seed=0)
+    assert source.sizes["train"] == 2
+    third = tf.distribute.InputContext(num_input_pipelines=3, input_pipeline_id=2)
+    assert list(pipeline.create_dataset(source, "train", 1, third).take(1)) == []

@@ -103,7 +103,8 @@ def decode_at_known_scales(examples_at: Callable[[np.ndarray], tf.data.Dataset],
       (uint8 [size, size, 3] image, label) examples, in the order of `positions`.
     """
     groups = scale_groups(jpeg_shapes[positions], image_size)
-    present = np.unique(groups)
+    # An empty shard (fewer examples than workers) is one empty stream.
+    present = np.unique(groups) if len(groups) else np.array([OTHER_FORMATS])
     streams = []
     for group in present:
         numbers = np.flatnonzero(groups == group)  # of the examples in `positions`
