@@ -59,7 +59,10 @@ def test_four_micro_batches_make_the_big_batchs_update(jit_compile):
 
 def test_micro_batches_on_two_replicas_make_the_global_batchs_update():
     big, _ = trained(group_norm_model())
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])  # conftest's two CPUs
+    # conftest's two CPUs. Not the default all-reduce: a second strategy's collectives in one
+    # process reuse the first one's instance keys.
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
     with strategy.scope():
         model = group_norm_model(accumulation_steps=2)  # 8 per replica, 4 per micro-batch
     accumulated, _ = trained(model)
