@@ -57,17 +57,21 @@ def test_four_micro_batches_make_the_big_batchs_update(jit_compile):
     np.testing.assert_allclose(history["accuracy"], big_history["accuracy"])
 
 
-def test_micro_batches_on_two_replicas_make_the_global_batchs_update():
-    big, _ = trained(group_norm_model())
+def test_micro_batches_on_two_replicas_make_the_global_batchs_update_and_average():
+    one_device = group_norm_model(ema_decay=0.9)
+    big, _ = trained(one_device)
     # conftest's two CPUs. Not the default all-reduce: a second strategy's collectives in one
     # process reuse the first one's instance keys.
     strategy = tf.distribute.MirroredStrategy(
         ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
     with strategy.scope():
-        model = group_norm_model(accumulation_steps=2)  # 8 per replica, 4 per micro-batch
+        model = group_norm_model(accumulation_steps=2, ema_decay=0.9)  # 8 per replica, 2 x 4
     accumulated, _ = trained(model)
     for a, b in zip(big, accumulated):
         np.testing.assert_allclose(a, b, atol=1e-6)
+    for a, b in zip(one_device.averages, model.averages):  # one copy per replica, all equal
+        assert all(np.array_equal(b.values[0].numpy(), copy.numpy()) for copy in b.values)
+        np.testing.assert_allclose(a.numpy(), b.values[0].numpy(), atol=1e-6)
 
 
 def test_loss_scaling_under_mixed_float16():

@@ -185,7 +185,7 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     if not FLAGS.model:
-        fail("--model is required: a run's export directory (workdir/export).")
+        fail("--model is required: a run's export directory (workdir/export) or its model.tflite.")
     files = list_images(argv[1:])
     if not files:
         fail("give image files or directories of images (JPEG, PNG, GIF, BMP) to predict.")

@@ -1,5 +1,5 @@
-"""The training step: the loss (label smoothing), gradient accumulation over micro-batches, and an
-exponential moving average (EMA) of the weights.
+"""The training step: optimizer, loss (label smoothing), gradient accumulation over micro-batches
+and an exponential moving average (EMA) of the weights.
 
 `TrainingModel` is the functional model a run trains. Its `train_step`:
 
