@@ -51,8 +51,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # BiT's own fine-tuning recipe (SCHEDULE_DEFAULTS, trainer/schedules.py) on
     # tf_flowers, at the authors' batch of 512 (so their rate, 0.003). Each replica
     # computes its share in micro-batches of at most 16 images: at 480 px one image
-    # of R50x1 takes about 600 MB in float32 (measured, docs/recipes.md), so 16 fit
-    # a 16 GB GPU even without mixed precision; one GPU accumulates 32 of them.
+    # of R50x1 takes about 370 MB in a training step (measured, docs/recipes.md), so
+    # 16 fit a 16 GB GPU in any precision; one GPU accumulates 32 of them.
     "bit_hyperrule": {
         "dataset": "tf_flowers", "backbone": "bit", "bit_variant": "m-r50x1",
         "trainable": True, "schedule": "bit_hyperrule", "global_batch_size": 512,
