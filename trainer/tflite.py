@@ -20,7 +20,7 @@ import tensorflow as tf
 import tf_keras as keras
 from absl import logging
 
-from trainer import files, models, sigterm
+from trainer import files, models, sigterm, steps
 from trainer.config import Config, UserError
 from trainer.data import decode, pipeline
 from trainer.data.sources import DataSource
@@ -153,7 +153,7 @@ def float32_saved_model(config: Config, model: keras.Model, num_classes: int,
         rebuilt = models.create_model(config.model, num_classes, config.data.image_size)
     finally:
         keras.mixed_precision.set_global_policy(policy)
-    rebuilt.set_weights(keras.Model(model.inputs, model.outputs).get_weights())
+    rebuilt.set_weights(steps.plain_model(model).get_weights())
     rebuilt.save(directory, save_format="tf", include_optimizer=False)
 
 
