@@ -22,7 +22,9 @@ from absl import logging
 from trainer import callbacks as callbacks_lib
 from trainer import checks
 from trainer import config as config_lib
-from trainer import backbones, distribute, export, hparams, models, preflight, schedules, sigterm
+from trainer import (backbones, distribute, export, hparams, models, preflight, schedules, sigterm,
+                     tflite)
+from trainer import steps as steps_lib
 from trainer import workdir as workdir_lib
 from trainer.config import Config, UserError
 from trainer.data import cache, pipeline, sources
@@ -48,18 +50,6 @@ def lost_peer_is_an_error(strategy: tf.distribute.Strategy) -> Iterator[None]:
             f"A peer worker stopped answering ({type(e).__name__}; see TensorFlow's messages "
             "above). Restart all workers with the same command: they resume from the last "
             "completed epoch.") from None
-
-
-def create_optimizer(
-    config: config_lib.TrainConfig,
-    learning_rate: keras.optimizers.schedules.LearningRateSchedule | None = None,
-) -> keras.optimizers.Optimizer:
-    """Adam, or SGD with momentum 0.9 (no weight decay), at `learning_rate` (a schedule)
-    or else the configured constant rate."""
-    rate = config.learning_rate if learning_rate is None else learning_rate
-    if config.optimizer == "sgd":
-        return keras.optimizers.SGD(rate, momentum=0.9)
-    return keras.optimizers.Adam(rate)
 
 
 def _flag_values(values: dict[str, Any]) -> str:
@@ -179,6 +169,8 @@ class Compute:
     jit_compile_reason: str
     steps_per_execution: int  # training steps per compiled call
     steps_per_execution_reason: str
+    accumulation_steps: int = 1  # micro-batches per replica and optimizer step
+    accumulation_reason: str = steps_lib.WHOLE_BATCH
 
     @property
     def computes_in(self) -> dict[str, Any]:
@@ -198,8 +190,10 @@ def choose_compute(config: Config, strategy: tf.distribute.Strategy,
         config.train, strategy, trainable_saved_model=saved_model and config.model.trainable)
     steps, steps_reason = distribute.choose_steps_per_execution(config.train, strategy,
                                                                 steps_per_epoch)
+    accumulation, accumulation_reason = steps_lib.choose_accumulation(
+        config.train, per_replica_batch_size(config.data.global_batch_size, strategy))
     return Compute(precision, precision_reason, not saved_model, jit_compile,
-                   jit_compile_reason, steps, steps_reason)
+                   jit_compile_reason, steps, steps_reason, accumulation, accumulation_reason)
 
 
 def prepare_data(config: Config, cache_dir: str | None = None, input_pipelines: int = 1,
@@ -227,18 +221,21 @@ def create_compiled_model(
     config: Config, strategy: tf.distribute.Strategy, num_classes: int, compute: Compute,
     learning_rate: keras.optimizers.schedules.LearningRateSchedule | None = None,
 ) -> keras.Model:
-    """Sets the precision policy of `compute`, then builds the model, optimizer and metrics
-    inside the strategy's scope and compiles them with its XLA and steps per execution.
+    """Sets the precision policy of `compute`, then builds the model (trainer/steps.py),
+    optimizer and metrics inside the strategy's scope and compiles them with its XLA and
+    steps per execution.
 
     With MixUp the labels are one-hot or soft, and the loss takes them as such;
     without, the integer labels go to the sparse loss as they come.
     """
-    loss = ("categorical_crossentropy" if config.data.mixup_alpha
-            else "sparse_categorical_crossentropy")
+    loss = steps_lib.create_loss(bool(config.data.mixup_alpha), config.train.label_smoothing)
     distribute.set_precision(compute.precision)
     with strategy.scope():
-        model = models.create_model(config.model, num_classes, config.data.image_size)
-        model.compile(optimizer=create_optimizer(config.train, learning_rate),
+        network = models.create_model(config.model, num_classes, config.data.image_size)
+        model = steps_lib.TrainingModel(
+            network.inputs, network.outputs, name=network.name,
+            accumulation_steps=compute.accumulation_steps, ema_decay=config.train.ema_decay)
+        model.compile(optimizer=steps_lib.create_optimizer(config.train, learning_rate),
                       loss=loss, metrics=["accuracy"],
                       steps_per_execution=compute.steps_per_execution,
                       jit_compile=compute.jit_compile)
@@ -280,10 +277,11 @@ def setup(config: Config, strategy: tf.distribute.Strategy,
                  source.num_classes, source.sizes["train"], source.sizes["val"], steps_per_epoch)
     compute = choose_compute(config, strategy, steps_per_epoch)
     global_batch_size = config.data.global_batch_size
-    logging.info("Strategy %s with %d replicas (batch %d each). Precision %s: %s. "
-                 "jit_compile %s: %s. %d steps per execution: %s.",
+    logging.info("Strategy %s with %d replicas (batch %d each, in %d micro-batches: %s). "
+                 "Precision %s: %s. jit_compile %s: %s. %d steps per execution: %s.",
                  type(strategy).__name__.lstrip("_"), strategy.num_replicas_in_sync,
                  per_replica_batch_size(global_batch_size, strategy),
+                 compute.accumulation_steps, compute.accumulation_reason,
                  distribute.precision_words(compute.computes_in), compute.precision_reason,
                  compute.jit_compile, compute.jit_compile_reason,
                  compute.steps_per_execution, compute.steps_per_execution_reason)
@@ -374,7 +372,7 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
             model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
                       validation_data=val_ds, validation_steps=validation_steps,
                       verbose=1 if sys.stdout.isatty() else 2,
-                      callbacks=[stop_on_sigterm, *callbacks])
+                      callbacks=[stop_on_sigterm, steps_lib.AveragesForValidation(), *callbacks])
 
     sigterm.stop_if_received("training")  # the signal came after the last step
     # SIGTERM from here on: what is being written is finished, then the run stops
@@ -385,19 +383,22 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
         best = workdir_lib.load_best_weights(model, workdir)
         logging.info("Evaluating and exporting the weights of epoch %d, the best (%s %.4f).",
                      best["epoch"], workdir_lib.MONITOR, best[workdir_lib.MONITOR])
+        model.use_averages()  # with --ema_decay: what validation saw
         with lost_peer_is_an_error(strategy):
             _, final_val_accuracy = model.evaluate(val_ds, steps=validation_steps, verbose=0)
         # Equal on every worker when replicas stayed in sync: compare across worker logs.
         logging.info("Final weights fingerprint: %s", weights_fingerprint(model))
         if config.train.export:
             sigterm.stop_if_received("training and the final evaluation")
-            export.export_model(model, source.class_names, workdir, chief)
+            export.export_model(steps_lib.plain_model(model), source.class_names, workdir, chief)
         if config.train.export_backbone:
             sigterm.stop_if_received("writing export/")
             export.export_backbone(model, config.data.image_size, workdir, chief)
         sigterm.stop_if_received("writing the exports")
         if not chief:
             return {}
+        tflite_val_accuracy = tflite.export_and_evaluate(
+            config, model, source, os.path.join(workdir, export.EXPORT_DIR))
         history = workdir_lib.read_history(os.path.join(workdir, workdir_lib.HISTORY_FILE))
         summary = workdir_lib.summarize(
             history, float(final_val_accuracy), num_replicas=replicas, **compute.computes_in,
@@ -405,6 +406,8 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
             global_batch_size=global_batch_size, num_classes=source.num_classes,
             train_examples=num_train, val_examples=source.sizes["val"],
             steps_per_epoch=steps_per_epoch, optimizer_steps=optimizer_steps,
+            gradient_accumulation_steps=compute.accumulation_steps,
+            tflite_val_accuracy=tflite_val_accuracy,
             image_size=config.data.image_size, resize_size=config.data.resize_size,
             mixup_alpha=config.data.mixup_alpha, learning_rate=config.train.learning_rate,
             last_process_sec=time.time() - started)

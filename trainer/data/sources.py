@@ -25,6 +25,7 @@ from PIL import Image
 from trainer import preflight
 from trainer.config import DataConfig, UserError
 from trainer.data.cache import CachePlan, fingerprint
+from trainer.data.few_shot import few_shot
 from trainer.data.decode import LOGGED_NAMES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -280,11 +281,15 @@ def _image_folder_source(config: DataConfig, seed: int) -> DataSource:
     order = np.random.default_rng(seed).permutation(len(paths))
     paths_arr, labels_arr = np.array(paths)[order], np.array(labels, np.int64)[order]
     shapes_arr = folder.jpeg_shapes[order]
+    # Positions in the shuffled listing of each split's examples (few-shot: a subset).
+    chosen = {"train": few_shot(labels_arr[:num_train], config.examples_per_class, seed,
+                                class_names),
+              "val": np.arange(num_train, len(paths))}
 
-    def examples_at(start: int, stop: int) -> Callable[[np.ndarray | slice], tf.data.Dataset]:
+    def examples_at(indices: np.ndarray) -> Callable[[np.ndarray | slice], tf.data.Dataset]:
         def make(positions: np.ndarray | slice) -> tf.data.Dataset:
-            files = tf.data.Dataset.from_tensor_slices((paths_arr[start:stop][positions],
-                                                        labels_arr[start:stop][positions]))
+            files = tf.data.Dataset.from_tensor_slices((paths_arr[indices][positions],
+                                                        labels_arr[indices][positions]))
             return files.map(lambda path, label: (tf.io.read_file(path), label),
                              num_parallel_calls=tf.data.AUTOTUNE)
         return make
@@ -293,18 +298,17 @@ def _image_folder_source(config: DataConfig, seed: int) -> DataSource:
         stat = os.stat(path)
         return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns, label]
 
-    bounds = {"train": (0, num_train), "val": (num_train, len(paths))}
     return DataSource(
         config=config, seed=seed, class_names=tuple(class_names),
-        sizes={"train": num_train, "val": num_val},
-        examples={split: lambda make=examples_at(*b): make(slice(None))
-                  for split, b in bounds.items()},
+        sizes={split: len(indices) for split, indices in chosen.items()},
+        examples={split: lambda make=examples_at(indices): make(slice(None))
+                  for split, indices in chosen.items()},
         encoded=True,
         contents=[class_names, *map(files, paths, labels)],
-        example_names={"train": lambda k: str(paths_arr[k]),
-                       "val": lambda k: str(paths_arr[num_train + k])},
-        examples_at={split: examples_at(*b) for split, b in bounds.items()},
-        jpeg_shapes={split: shapes_arr[slice(*b)] for split, b in bounds.items()},
+        example_names={split: lambda k, indices=indices: str(paths_arr[indices[k]])
+                       for split, indices in chosen.items()},
+        examples_at={split: examples_at(indices) for split, indices in chosen.items()},
+        jpeg_shapes={split: shapes_arr[indices] for split, indices in chosen.items()},
     )
 
 
@@ -334,15 +338,17 @@ def _synthetic_source(config: DataConfig, seed: int) -> DataSource:
     images, labels = synthetic_images(config.synthetic_examples,
                                       config.image_size or SYNTHETIC_IMAGE_SIZE, seed)
     num_train, _ = split_sizes(len(labels), config.val_fraction, "--dataset=synthetic")
+    angles = [round(180 * k / SYNTHETIC_CLASSES) for k in range(SYNTHETIC_CLASSES)]
+    class_names = tuple(f"stripes_{a}deg" for a in angles)
+    train = few_shot(labels[:num_train], config.examples_per_class, seed, class_names)
 
-    def examples(part: slice) -> Callable[[], tf.data.Dataset]:
+    def examples(part: np.ndarray | slice) -> Callable[[], tf.data.Dataset]:
         return lambda: tf.data.Dataset.from_tensor_slices((images[part], labels[part]))
 
-    angles = [round(180 * k / SYNTHETIC_CLASSES) for k in range(SYNTHETIC_CLASSES)]
     return DataSource(
-        config=config, seed=seed, class_names=tuple(f"stripes_{a}deg" for a in angles),
-        sizes={"train": num_train, "val": len(labels) - num_train},
-        examples={"train": examples(slice(0, num_train)), "val": examples(slice(num_train, None))},
+        config=config, seed=seed, class_names=class_names,
+        sizes={"train": len(train), "val": len(labels) - num_train},
+        examples={"train": examples(train), "val": examples(slice(num_train, None))},
         encoded=False, contents="synthetic",
         example_names={split: lambda k, split=split: f"synthetic {split} example {k}"
                        for split in ("train", "val")},
@@ -408,17 +414,29 @@ def _tfds_source(config: DataConfig, seed: int) -> DataSource:
     else:  # split sizes unrecorded (as under tfds.testing.mock_data): count
         num_examples = int(all_examples().reduce(0, lambda count, _: count + 1))
     num_train, _ = split_sizes(num_examples, config.val_fraction, f"--dataset={name}")
+    class_names = tuple(features["label"].names)
+    train = np.arange(num_train)
+    if config.examples_per_class:  # the labels of the training split, read once
+        labels = np.fromiter(all_examples().take(num_train).map(lambda _, label: label)
+                             .as_numpy_iterator(), np.int64, num_train)
+        train = few_shot(labels, config.examples_per_class, seed, class_names)
+
+    def train_examples() -> tf.data.Dataset:
+        if len(train) == num_train:
+            return all_examples().take(num_train)
+        kept = tf.constant(np.isin(np.arange(num_train), train))
+        return (all_examples().take(num_train).enumerate()
+                .filter(lambda i, _: kept[i]).map(lambda _, example: example))
 
     return DataSource(
-        config=config, seed=seed, class_names=tuple(features["label"].names),
-        sizes={"train": num_train, "val": num_examples - num_train},
+        config=config, seed=seed, class_names=class_names,
+        sizes={"train": len(train), "val": num_examples - num_train},
         # The reference's train[:70%] / train[70%:], in the dataset's stored order.
-        examples={"train": lambda: all_examples().take(num_train),
-                  "val": lambda: all_examples().skip(num_train)},
+        examples={"train": train_examples, "val": lambda: all_examples().skip(num_train)},
         encoded=True,
         contents=[name, os.path.abspath(builder.data_dir), num_examples,
                   data_files(builder.data_dir)],
-        example_names={"train": lambda k: f"{name} train[{k}]",
+        example_names={"train": lambda k: f"{name} train[{train[k]}]",
                        "val": lambda k: f"{name} train[{num_train + k}]"},
     )
 
