@@ -29,17 +29,19 @@ def measure(flags: list[str], batch: int) -> float:
 
     import trainer  # noqa: F401  the Keras 2 API before TensorFlow loads
     import tensorflow as tf
-    from trainer import checks, experiments, train
+    from trainer import checks, compute as compute_lib, experiments, train
     from trainer.config import override
 
     values = dict(flag.lstrip("-").split("=", 1) for flag in flags)
+    backbone = values.pop("backbone", "bit")
+    random_weights = {"bit": {"bit_weights": "none"}, "resnet50": {"weights": "none"}}
     config = checks.resolve(override(experiments.configure(None, {}), {
-        "backbone": values.pop("backbone", "bit"), "bit_weights": "none", "trainable": True,
+        "backbone": backbone, **random_weights.get(backbone, {}), "trainable": True,
         "optimizer": "sgd", "precision": values.pop("precision", "float32"), "jit_compile": "false",
         "image_size": int(values.pop("image_size", 480)), "global_batch_size": batch,
         **values}))
-    compute = train.Compute(config.train.precision, "measured", True, False, "measured", 1,
-                            "measured")
+    compute = compute_lib.Compute(config.train.precision, "measured", True, False, "measured", 1,
+                                  "measured")
     model = train.create_compiled_model(config, tf.distribute.get_strategy(), 10, compute)
     size = config.data.image_size
     images = np.random.default_rng(0).integers(0, 256, (batch * STEPS, size, size, 3), np.uint8)

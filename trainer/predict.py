@@ -7,7 +7,7 @@
 Reads the serving SavedModel and labels.txt that a run writes to workdir/export,
 or the TFLite model beside them (--export_tflite) with the same labels.txt.
 Files go through training's own checks and decoder: the header check
-(trainer.data.sources.check_image_file: empty files, non-images, unsupported formats,
+(trainer.data.folders.check_image_file: empty files, non-images, unsupported formats,
 decompression bombs), then TensorFlow's decoder (trainer.data.decode.decode_image),
 which judges the rest (data after a JPEG's end is fine, a cut file is not). A
 bad file is reported by name and the others are still predicted. Exit code 1
@@ -30,7 +30,7 @@ from trainer import tflite
 from trainer.cli import fail, parse_flags
 from trainer.config import UserError
 from trainer.data.decode import decode_image
-from trainer.data.sources import IMAGE_EXTENSIONS, check_image_file
+from trainer.data.folders import IMAGE_EXTENSIONS, check_image_file
 from trainer.export import LABELS_FILE
 
 BATCH_SIZE = 32  # images per call of the model
