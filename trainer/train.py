@@ -301,7 +301,8 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
         with callbacks_lib.StopOnSigterm() as stop_on_sigterm, distribute.lost_peer_is_an_error(strategy):
             model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
                       validation_data=val_ds, validation_steps=validation_steps,
-                      verbose=1 if sys.stdout.isatty() else 2,
+                      # A progress bar on a terminal; in a log, the trainer's own epoch line.
+                      verbose=1 if sys.stdout.isatty() else 0,
                       callbacks=[stop_on_sigterm, steps_lib.AveragesForValidation(), *callbacks])
 
     sigterm.stop_if_received("training")  # the signal came after the last step
