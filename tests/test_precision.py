@@ -131,7 +131,7 @@ COUNT_COMPILATIONS = """
 import sys
 import numpy as np
 import tensorflow as tf
-from trainer import config as config_lib, distribute, train
+from trainer import checks, config as config_lib, distribute, train
 
 config = checks.resolve(config_lib.override(config_lib.Config(), {
     "backbone": "hub", "hub_handle": sys.argv[1], "trainable": False, "image_size": 16,
