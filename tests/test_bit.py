@@ -18,6 +18,7 @@ from trainer import experiments
 from trainer import backbones, export, models, train
 from trainer.backbones import bit, bit_network, bit_weights
 from trainer.config import ModelConfig, UserError
+from trainer.data import sources
 
 SIZE = 32  # pixels
 # Two units in block 2, so an identity shortcut is exercised as well as projections.
@@ -223,14 +224,18 @@ def test_bad_weights_files_name_the_flag_and_the_first_offending_key(tiny_bit, t
     ("bad.npz", "not an .npz file"),
     ("http://127.0.0.1:9/BiT-S-R50x1.npz", "could not be downloaded.*--bit_weights=/path/to/BiT-S-R50x1.npz"),
 ], ids=["missing", "not-npz", "offline-url"])
-def test_command_line_exits_2_before_reading_data(tiny_bit, tmp_path, capsys, weights, message):
+def test_command_line_exits_2_before_reading_data(tiny_bit, tmp_path, capsys, monkeypatch,
+                                                  image_dir, weights, message):
     (tmp_path / "bad.npz").write_text("nope")
     if "://" not in weights:
         weights = str(tmp_path / weights)
-    # --image_dir does not exist: reaching the data would be a different error.
+
+    def read_data(*_):
+        raise AssertionError("the data was read before the weights were checked")
+
+    monkeypatch.setattr(sources, "create_data_source", read_data)
     code, _, err = run_main(["--backbone=bit", "--bit_variant=s-r50x1", f"--bit_weights={weights}",
-                             f"--image_dir={tmp_path / 'no-images'}",
-                             f"--workdir={tmp_path / 'run'}"], capsys)
+                             f"--image_dir={image_dir}", f"--workdir={tmp_path / 'run'}"], capsys)
     assert code == 2, err
     assert "--bit_weights" in err and "Traceback" not in err and err.count("\n") == 1
     assert re.search(message, err), err

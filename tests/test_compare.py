@@ -12,11 +12,12 @@ import tensorflow as tf
 from PIL import Image
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from trainer import compare
+from trainer import backbones, compare, hparams
 from trainer import checks
 from trainer import config as config_lib
 from trainer import experiments
 from trainer import train
+from trainer import workdir as workdir_lib
 
 TINY = {"synthetic_examples": 64, "image_size": 16, "wrn_width": 1, "batch_size": 16,
         "export": False}
@@ -65,7 +66,7 @@ def test_rows_match_the_runs_and_are_sorted(parent, report):
         assert row["final_val_accuracy"] == done["final_val_accuracy"]
         assert row["epochs"] == done["epochs_completed"]
         assert row["train_images_per_sec"] == done["train_images_per_sec"]
-        assert row["wall_time_sec"] == done["wall_time_sec"]
+        assert row["total_epoch_time_sec"] == done["total_epoch_time_sec"]
         assert row["replicas"] == done["num_replicas"] == 1
         assert row["precision"] == done["precision"]
         assert row["learning_rate"] == config["train"]["learning_rate"]
@@ -123,12 +124,31 @@ def test_hparams_experiment_is_written_once_at_the_parent(parent, report):
                 data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
                 experiments.append(data.experiment)
     (experiment,) = experiments
-    hparams = {info.name: info for info in experiment.hparam_infos}
-    assert set(compare.KEY_HPARAMS) <= set(hparams)
-    assert "epochs" in hparams  # differs between the runs
-    assert sorted(v.number_value for v in hparams["learning_rate"].domain_discrete.values) == [1e-4, 1e-2]
+    infos = {info.name: info for info in experiment.hparam_infos}
+    assert set(hparams.KEY_HPARAMS) <= set(infos)
+    assert "epochs" in infos  # differs between the runs
+    assert sorted(v.number_value for v in infos["learning_rate"].domain_discrete.values) == [1e-4, 1e-2]
+    # The dashboard opens on five key settings, those that differ first: the rate, and the
+    # precision (the unfinished runs only show what they asked for).
+    shown = {info.name for info in experiment.hparam_infos if info.differs}
+    assert len(shown) == hparams.SHOWN_HPARAMS and shown <= set(hparams.KEY_HPARAMS)
+    assert {"learning_rate", "precision", "backbone"} <= shown
+    assert hparams.shown_first([{"learning_rate": 1, "dataset": "a"},
+                                {"learning_rate": 2, "dataset": "b"}])[:2] == (
+        "learning_rate", "dataset")
     metrics = {(m.name.group, m.name.tag) for m in experiment.metric_infos}
     assert ("validation", "epoch_accuracy") in metrics and ("train", "epoch_loss") in metrics
+
+
+def test_runs_of_earlier_versions_are_read_with_their_names(tmp_path):
+    # summary.json called the sum of epoch times wall_time_sec; history.csv epoch_seconds.
+    os.makedirs(tmp_path / "old")
+    (tmp_path / "old" / "summary.json").write_text(json.dumps({"wall_time_sec": 12.5}))
+    row = compare.report_row(compare.read_run(str(tmp_path / "old"), "old"))
+    assert row["total_epoch_time_sec"] == 12.5
+    resumed = [{"epoch": 1, "epoch_seconds": 2.0, "images_per_sec": 1.0},
+               {"epoch": 2, "seconds": 3.0, "images_per_sec": 1.0}]
+    assert workdir_lib.summarize(resumed, None)["total_epoch_time_sec"] == 5.0
 
 
 def test_unreadable_run_is_reported_not_fatal(tmp_path):
@@ -163,7 +183,7 @@ def test_a_missing_run_is_a_row_not_an_error(parent, tmp_path):
 ])
 def test_the_weights_column_names_what_the_run_started_from(values, weights):
     # A native BiT run is no hub run, whatever its weights.
-    assert compare.weights_of(values) == weights
+    assert backbones.weights_of(values) == weights
 
 
 def test_names_are_made_unique_when_run_directories_share_a_name():

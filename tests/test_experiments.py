@@ -101,10 +101,13 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path):
 
 
 def test_a_run_that_failed_before_training_is_retried_with_new_flags(tmp_path):
+    # Class folders without images: found once the run has started, not by the preflight.
+    for name in ("cats", "dogs"):
+        (tmp_path / "no_images" / name).mkdir(parents=True)
     result = run_script(f"--workdir={tmp_path}", "--presets=x=smoke", *TINY,
-                        f"--image_dir={tmp_path / 'no_such_folder'}")
+                        f"--image_dir={tmp_path / 'no_images'}")
     assert result.returncode == 1
-    assert "no_such_folder is not a directory" in result.stderr
+    assert "no_images must hold at least 2 class sub-folders with images" in result.stderr
     assert "== x: FAILED (exit code 2)" in result.stderr
     assert "1 of 1 runs failed: x" in result.stderr
     assert (tmp_path / "x" / "config.json").exists()  # the failed attempt left its config

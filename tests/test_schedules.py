@@ -175,6 +175,22 @@ def test_resolution_is_chosen_from_the_images_area_unless_given():
         train.choose_from_data(rule_config(resize_size=300), fake_source(100, 96, 96))
 
 
+def test_the_log_names_only_what_was_chosen_from_the_data_with_the_real_sizes(caplog):
+    caplog.set_level("INFO", logger="absl")  # other tests' flags may have raised its level
+    train.choose_from_data(rule_config(image_size=224, batch_size=64), fake_source(SMALL, 96, 96))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Chosen from")]
+    assert lines == [
+        f"Chosen from the data ({SMALL} training images; typical image 96x96, the median area "
+        "of a sample): --mixup_alpha=0, --total_steps=500, --resize_size=239.",
+        "Chosen from the batch size: --learning_rate=0.000375 (BiT-HyperRule: 0.003 x 64 / 512)."]
+    assert not [r for r in caplog.records if "480" in r.getMessage() or "512 and" in r.getMessage()]
+    caplog.clear()
+    train.choose_from_data(rule_config(image_size=224, resize_size=256, mixup_alpha=0.0,
+                                       total_steps=100, epochs=1, learning_rate=0.01),
+                           fake_source(SMALL, 96, 96))
+    assert not [r for r in caplog.records if r.getMessage().startswith("Chosen from")]
+
+
 # --- The data pipeline: sizes, random resized crops, MixUp -----------------------
 
 def test_typical_image_size_reads_headers_of_folders_and_tfds(image_dir, monkeypatch):

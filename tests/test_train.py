@@ -7,11 +7,13 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from google.protobuf import json_format
 from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.hparams import backend_context, plugin_data_pb2
 
 from trainer import checks
 from trainer import config as config_lib
-from trainer import experiments
+from trainer import experiments, hparams
 from trainer import train
 from trainer import workdir as workdir_lib
 from trainer.config import UserError
@@ -48,11 +50,13 @@ def test_run_writes_every_artefact(finished_run):
     with open(workdir / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert [row["epoch"] for row in rows] == ["1", "2"]
-    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_sec"} <= set(rows[0])
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_sec",
+            "seconds"} <= set(rows[0])
+    assert summary["total_epoch_time_sec"] == pytest.approx(sum(float(r["seconds"]) for r in rows))
     on_disk = json.loads((workdir / "summary.json").read_text())
     assert on_disk == summary
     for key in ("best_val_accuracy", "final_val_accuracy", "epochs_completed", "train_images_per_sec",
-                "wall_time_sec", "num_replicas", "precision"):
+                "total_epoch_time_sec", "num_replicas", "precision"):
         assert key in summary, key
     assert summary["epochs_completed"] == 2 and summary["num_replicas"] == 1
     assert summary["best_val_accuracy"] == max(float(row["val_accuracy"]) for row in rows)
@@ -65,9 +69,45 @@ def test_run_writes_every_artefact(finished_run):
 def test_tensorboard_logs_have_the_expected_tags(finished_run):
     workdir, _ = finished_run
     assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate", "epoch_images_per_sec",
-            "input_images"} <= tags(workdir / "train")
+            "epoch_seconds", "input_images"} <= tags(workdir / "train")
+    assert not [tag for tag in tags(workdir / "train") if tag.startswith("epoch_epoch")]
     assert {"epoch_loss", "epoch_accuracy"} <= tags(workdir / "validation")
-    assert "_hparams_/session_start_info" in tags(workdir)
+    assert {"_hparams_/session_start_info", "_hparams_/experiment"} <= tags(workdir)
+
+
+def hparams_written(logdir):
+    """The HParams experiment and session start info at `logdir`, read as TensorBoard reads them."""
+    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return [plugin_data_pb2.HParamsPluginData.FromString(acc.SummaryMetadata(tag).plugin_data.content)
+            for tag in ("_hparams_/experiment", "_hparams_/session_start_info")]
+
+
+def test_hparams_open_on_the_key_settings_with_the_values_the_run_used(finished_run):
+    workdir, summary = finished_run
+    experiment_data, start_data = hparams_written(workdir)
+    experiment, start = experiment_data.experiment, start_data.session_start_info
+    # What TensorBoard's server does with the experiment; its page then shows the first five.
+    backend_context._sort_and_reduce_to_hparams_limit(experiment)
+    shown = [info.name for info in experiment.hparam_infos][:5]
+    assert shown == sorted(["backbone", "weights", "trainable", "learning_rate", "global_batch_size"])
+    assert {m.name.tag for m in experiment.metric_infos} == {"epoch_accuracy", "epoch_loss"}
+    used = {name: json_format.MessageToDict(value) for name, value in start.hparams.items()}
+    assert used["weights"] == "none (random)" and used["dataset"] == "synthetic"
+    assert used["precision"] == summary["precision"] and used["trainable"] is True
+
+
+def test_an_image_folder_run_records_the_folder_as_its_data_and_older_runs_resume(
+        tmp_path, image_dir):
+    config = tiny_config(tmp_path / "run", image_dir=image_dir)  # the preset names synthetic
+    assert config.data.dataset is None  # config.json records no dataset it did not use
+    assert hparams.run_values(config_lib.flatten(config))["dataset"] == image_dir
+    # The config.json of an earlier version also recorded the --dataset it did not use.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(
+        config_lib.to_json(config_lib.override(config, {"dataset": "synthetic"})))
+    (tmp_path / "run" / "history.csv").write_text("epoch\n1\n")  # it trained an epoch
+    assert workdir_lib.prepare(config, chief=True) is None  # the same run: it resumes
 
 
 def test_export_serves_uint8_images_with_labels(finished_run):

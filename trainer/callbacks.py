@@ -17,8 +17,8 @@ from typing import Any, Callable
 import tensorflow as tf
 import tf_keras as keras
 from absl import logging
-from tensorboard.plugins.hparams import api as hparams_api
 
+from trainer import hparams as hparams_lib
 from trainer import sigterm
 from trainer import workdir as workdir_lib
 from trainer.sigterm import Preempted
@@ -81,12 +81,13 @@ class EpochStats(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         logs["learning_rate"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))
         logs["images_per_sec"] = self.images_per_epoch / max(train_seconds, 1e-9)
-        logs["epoch_seconds"] = now - self._epoch_start
+        # Keras' TensorBoard callback prefixes "epoch_": the scalar reads epoch_seconds.
+        logs[workdir_lib.SECONDS] = now - self._epoch_start
         logging.info(
             "Epoch %d/%d: %s, %.0f images/s, %.1f s", epoch + 1, self.epochs,
             ", ".join(f"{k} {v:.4g}" for k, v in logs.items()
                       if k in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")),
-            logs["images_per_sec"], logs["epoch_seconds"])
+            logs["images_per_sec"], logs[workdir_lib.SECONDS])
         self._epoch_start = 0.0
         loss = float(logs.get("loss", 0.0))
         if diverged(loss, self.first_epoch_loss, self.num_classes):
@@ -292,14 +293,9 @@ def create_callbacks(workdir: str, *, epochs: int, patience: int, images_per_epo
 
 
 def write_run_summaries(workdir: str, hparams: dict[str, Any], images: tf.Tensor) -> None:
-    """Writes the run's HParams and a few input images for TensorBoard (chief only)."""
-    # HParams at the run's root so TensorBoard pairs them with train/ and validation/.
-    root = tf.summary.create_file_writer(workdir)
-    with root.as_default():
-        hparams_api.hparams(
-            {k: ("" if v is None else v) for k, v in hparams.items()},
-            trial_id=os.path.basename(os.path.abspath(workdir)))
-    root.close()
+    """Writes the run's HParams (hparams.run_values) and a few input images for
+    TensorBoard (chief only)."""
+    hparams_lib.write_run(workdir, hparams)
     train = tf.summary.create_file_writer(os.path.join(workdir, "train"))
     with train.as_default():
         tf.summary.image("input_images", images, step=0, max_outputs=int(images.shape[0]))

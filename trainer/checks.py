@@ -46,6 +46,15 @@ def local_path(path: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def data_used(config: Config) -> Config:
+    """--image_dir overrides --dataset: the config then records no dataset (None), so that
+    config.json and the HParams name the data the run used. Applied by `resolve`, and to
+    the config.json of runs made before (workdir.read_config), so that they resume."""
+    if config.data.image_dir and config.data.dataset is not None:
+        return override(config, {"dataset": None})
+    return config
+
+
 def resolve(config: Config) -> Config:
     """Fills the defaults that depend on other fields, normalises paths, then checks the result.
 
@@ -80,6 +89,7 @@ def resolve(config: Config) -> Config:
         "weights": model.weights if model.weights in keyword_weights else local_path(model.weights),
         "bit_weights": model.bit_weights if model.bit_weights == "none" else local_path(model.bit_weights),
     })
+    resolved = data_used(resolved)
     check(resolved)
     return resolved
 
@@ -104,7 +114,7 @@ def check(config: Config) -> None:
     for name in leaf_fields(config):
         if choices(name):
             _choice(name, values[name], choices(name))
-    _require(bool(data.dataset), "--dataset must not be empty.")
+    _require(bool(data.dataset or data.image_dir), "--dataset must not be empty.")
     # A directory needs a "/": a misspelt mode must not become a directory.
     _require(data.cache in CACHES or "/" in data.cache,
              f"--cache={data.cache} is not valid; choose one of {', '.join(CACHES)}, or a "

@@ -25,9 +25,8 @@ from absl import app, flags, logging
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
-from tensorboard.plugins.hparams import api as hp
 
-from trainer import backbones
+from trainer import backbones, hparams
 from trainer.cli import fail, parse_flags
 from trainer.config import UserError
 from trainer.files import write_atomically
@@ -37,19 +36,7 @@ RUN_FILES = (CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE)
 COLUMNS = (
     "run", "status", "backbone", "weights", "trainable", "learning_rate", "precision",
     "replicas", "epochs", "best_val_accuracy", "best_epoch", "final_val_accuracy",
-    "train_images_per_sec", "wall_time_sec",
-)
-# Always shown in the HParams dashboard; any other config field is shown when it
-# differs between the runs compared.
-KEY_HPARAMS = ("backbone", "weights", "hub_handle", "trainable", "learning_rate",
-               "optimizer", "global_batch_size", "image_size", "epochs", "precision")
-# TensorBoard metrics: (tag, run sub-directory, display name); the Keras
-# TensorBoard callback writes them under each run's train/ and validation/.
-HPARAMS_METRICS = (
-    ("epoch_accuracy", "validation", "val accuracy"),
-    ("epoch_accuracy", "train", "train accuracy"),
-    ("epoch_loss", "validation", "val loss"),
-    ("epoch_loss", "train", "train loss"),
+    "train_images_per_sec", "total_epoch_time_sec",
 )
 HPARAMS_EVENTS_SUFFIX = ".compare.v2"  # names the experiment files this module owns
 
@@ -146,20 +133,13 @@ def run_names(paths: Sequence[str]) -> list[str]:
     return [os.path.relpath(os.path.abspath(path), root) for path in paths]
 
 
-def weights_of(config: dict[str, Any]) -> str | None:
-    """Where the backbone's starting weights come from, in a few words (its spec's);
-    None for a backbone no longer registered."""
-    if config.get("backbone") not in backbones.names():
-        return None
-    return backbones.spec(config["backbone"]).weights(config)
-
-
 def ran_with(run: Run) -> dict[str, Any]:
     """The run's config with what it ran with (summary.json) in place of what was asked for.
 
     `--precision=auto` or a mixed policy on a TF Hub backbone ran in one precision;
     `--jit_compile=auto` compiled or not: the words of the run's log, summary.json
     and HParams. A run without summary.json shows what was asked for, marked so.
+    A rule's rate (bit_hyperrule: config.json's null) is in the summary.
     """
     values = dict(run.config)
     for name in ("precision", "jit_compile"):
@@ -167,28 +147,31 @@ def ran_with(run: Run) -> dict[str, Any]:
             values[name] = run.summary[name]
         elif values.get(name) is not None:
             values[name] = f"{values[name]} (asked)"
+    if "learning_rate" in run.summary:
+        values["learning_rate"] = run.summary["learning_rate"]
     return values
 
 
 def report_row(run: Run) -> dict[str, Any]:
     """One table row (COLUMNS) for a run; unknown values are None."""
-    config, summary = run.config, run.summary
+    config, summary, used = run.config, run.summary, ran_with(run)
     return {
         "run": run.name,
         "status": run.status,
         "backbone": config.get("backbone"),
-        "weights": weights_of(config),
+        "weights": backbones.weights_of(config),
         "trainable": config.get("trainable"),
-        # A rule's rate (bit_hyperrule: config.json's null) is in the summary.
-        "learning_rate": summary.get("learning_rate", config.get("learning_rate")),
-        "precision": ran_with(run).get("precision"),
+        "learning_rate": used.get("learning_rate"),
+        "precision": used.get("precision"),
         "replicas": summary.get("num_replicas"),
         "epochs": summary.get("epochs_completed", len(run.history)),
         "best_val_accuracy": summary.get("best_val_accuracy"),
         "best_epoch": summary.get("best_epoch"),
         "final_val_accuracy": summary.get("final_val_accuracy"),
         "train_images_per_sec": summary.get("train_images_per_sec"),
-        "wall_time_sec": summary.get("wall_time_sec"),
+        # Named wall_time_sec in the summaries of earlier versions.
+        "total_epoch_time_sec": summary.get("total_epoch_time_sec",
+                                            summary.get("wall_time_sec")),
     }
 
 
@@ -267,37 +250,20 @@ def plot_curves(runs: Sequence[Run], metric: str, path: str) -> list[str]:
     return labels
 
 
-def _hparam_value(value: Any) -> Any:
-    # As trainer.callbacks.write_run_summaries writes each run's values.
-    return "" if value is None else value
-
-
 def write_hparams_experiment(runs: Sequence[Run], logdir: str) -> None:
     """Writes the HParams experiment (hyper-parameters and metrics) to `logdir`, the runs' parent.
 
     Each run wrote its own values at its root; this summary makes TensorBoard
-    (`--logdir` the parent) show them together in one HParams table. A rerun
-    replaces the summary written before.
+    (`--logdir` the parent) show them together in one table that opens on the key
+    settings whose values differ between the runs (trainer/hparams.py), with every
+    setting's values as filters. A rerun replaces the summary written before.
     """
-    configs = [ran_with(run) for run in runs if run.config]
-    fields = list(KEY_HPARAMS) + [
-        name for name in dict.fromkeys(k for c in configs for k in c)
-        if name not in KEY_HPARAMS and len({json.dumps(c.get(name)) for c in configs}) > 1
-    ]
-    hparams = []
-    for name in fields:
-        values = sorted({_hparam_value(c.get(name)) for c in configs}, key=repr)
-        uniform = len({type(v) for v in values}) == 1 and isinstance(values[0], (bool, int, float, str))
-        hparams.append(hp.HParam(name, hp.Discrete(values) if uniform else None))
-    metrics = [hp.Metric(tag, group=group, display_name=display)
-               for tag, group, display in HPARAMS_METRICS]
+    values = [hparams.run_values(ran_with(run)) for run in runs if run.config]
     try:
         for old in glob.glob(os.path.join(logdir, f"events.out.tfevents.*{HPARAMS_EVENTS_SUFFIX}")):
             os.remove(old)
-        writer = tf.summary.create_file_writer(logdir, filename_suffix=HPARAMS_EVENTS_SUFFIX)
-        with writer.as_default():
-            hp.hparams_config(hparams=hparams, metrics=metrics)
-        writer.close()
+        hparams.write(logdir, [hparams.experiment_summary(values, hparams.shown_first(values))],
+                      filename_suffix=HPARAMS_EVENTS_SUFFIX)
     except (OSError, tf.errors.OpError) as e:
         # Runs copied read-only still get their report; only the dashboard view is lost.
         logging.warning("HParams experiment not written to %s: %s", logdir, e)

@@ -53,14 +53,14 @@ def setting(default: Any, help: str, *, flag: str | None = None,
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    dataset: str = setting(
+    dataset: str | None = setting(
         "tf_flowers", "A TFDS image-classification dataset (its `train` split is split into "
         "training and validation), or synthetic (generated stripes, offline).")
     data_dir: str | None = setting(
         None, "TFDS data directory; a dataset prepared there works offline.")
     image_dir: str | None = setting(
         None, "Folder with one sub-folder of images per class (JPEG, PNG, BMP, GIF); "
-        "overrides --dataset.")
+        "overrides --dataset (the run's config.json then records no dataset).")
     val_fraction: float = setting(0.3, "Share of the examples held out for validation.")
     image_size: int | None = setting(
         224, "Square input size of the model (the training crop), pixels. "
@@ -163,7 +163,8 @@ class Config:
     workdir: str | None = setting(
         None, "Directory of the run; rerunning with it resumes. Default: runs/<experiment or "
         "backbone>.")
-    seed: int = setting(0, "Seeds the split, shuffling and initialisation.")
+    seed: int = setting(0, "Seeds the split of an image folder or synthetic data (a TFDS "
+                        "dataset is split in its stored order), shuffling and initialisation.")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

@@ -22,7 +22,7 @@ from absl import logging
 from trainer import callbacks as callbacks_lib
 from trainer import checks
 from trainer import config as config_lib
-from trainer import backbones, distribute, export, models, schedules, sigterm
+from trainer import backbones, distribute, export, hparams, models, preflight, schedules, sigterm
 from trainer import workdir as workdir_lib
 from trainer.config import Config, UserError
 from trainer.data import cache, pipeline, sources
@@ -62,44 +62,58 @@ def create_optimizer(
     return keras.optimizers.Adam(rate)
 
 
+def _flag_values(values: dict[str, Any]) -> str:
+    return ", ".join(f"{config_lib.flag(k)}={v:g}" if isinstance(v, float)
+                     else f"{config_lib.flag(k)}={v}" for k, v in values.items())
+
+
 def choose_from_data(config: Config, source: sources.DataSource) -> Config:
     """Fills the values `config` leaves to the data (None there), as BiT-HyperRule does.
 
     The image size by the images' area, the resize size by BiT's ratio for that
     area, MixUp by the training-set size, and under bit_hyperrule the run's
     steps by the training-set size and the peak rate by the batch size
-    (trainer/schedules.py). Values given by flags or presets are kept.
+    (trainer/schedules.py). Values given by flags or presets are kept. The log
+    names what was chosen, and from what, with the sizes the run will use.
 
     Raises:
       UserError: the chosen values do not fit the given ones; names the flag.
     """
     d, t = config.data, config.train
     num_train = source.sizes["train"]
-    values: dict[str, Any] = {}
+    from_data: dict[str, Any] = {}
+    measured = ""
     if d.mixup_alpha is None:
-        values["mixup_alpha"] = schedules.mixup_alpha(num_train)
-    if t.schedule == "bit_hyperrule" and t.learning_rate is None:
-        values["learning_rate"] = schedules.peak_learning_rate(d.global_batch_size)
+        from_data["mixup_alpha"] = schedules.mixup_alpha(num_train)
     if t.schedule == "bit_hyperrule" and t.total_steps is None:
-        values["total_steps"] = schedules.rule_supports(num_train)[-1]
-        checks.check_epochs_divide(t.epochs, values["total_steps"],
-                                       f"BiT-HyperRule's length for {num_train} training images")
+        from_data["total_steps"] = schedules.rule_supports(num_train)[-1]
+        checks.check_epochs_divide(t.epochs, from_data["total_steps"],
+                                   f"BiT-HyperRule's length for {num_train} training images")
     if d.image_size is None or (d.augment == "resize_crop" and d.resize_size is None):
         height, width = source.typical_image_size()
         resize_size, crop_size = schedules.resolution(height, width)
-        values["image_size"] = d.image_size or crop_size
+        if d.image_size is None:
+            from_data["image_size"] = crop_size
         if d.augment == "resize_crop" and d.resize_size is None:
-            values["resize_size"] = (resize_size if d.image_size is None else
-                                     schedules.resize_size_for(d.image_size, height, width))
-        logging.info("Typical image %dx%d (median area of a sample): BiT's rule resizes to "
-                     "%d and crops %d.", height, width, resize_size, crop_size)
+            # A given --image_size keeps BiT's resize/crop ratio for this area.
+            from_data["resize_size"] = (resize_size if d.image_size is None else
+                                        schedules.resize_size_for(d.image_size, height, width))
+        measured = f"; typical image {height}x{width}, the median area of a sample"
+    values = dict(from_data)
+    if t.schedule == "bit_hyperrule" and t.learning_rate is None:
+        values["learning_rate"] = schedules.peak_learning_rate(d.global_batch_size)
     if not values:
         return config
     chosen = config_lib.override(config, values)
     checks.check(chosen)
-    logging.info("Chosen from the data: %s.",
-                 ", ".join(f"{config_lib.flag(k)}={v:g}" if isinstance(v, float)
-                           else f"{config_lib.flag(k)}={v}" for k, v in values.items()))
+    if from_data:
+        logging.info("Chosen from the data (%d training images%s): %s.", num_train, measured,
+                     _flag_values(from_data))
+    if "learning_rate" in values:
+        logging.info("Chosen from the batch size: %s (BiT-HyperRule: %g x %d / %d).",
+                     _flag_values({"learning_rate": values["learning_rate"]}),
+                     schedules.BASE_LEARNING_RATE, d.global_batch_size,
+                     schedules.BASE_BATCH_SIZE)
     return chosen
 
 
@@ -291,7 +305,11 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
       sigterm.Preempted: SIGTERM arrived; a rerun resumes or completes the run.
       PeerLost: a multi-worker peer stopped answering.
     """
-    # The strategy comes first: under TF_CONFIG it decides who the chief is.
+    # Every input named and reachable, before the workdir is made or anything fetched;
+    # a finished run needs none of them to say so.
+    if not workdir_lib.complete(config):
+        preflight.check(config)
+    # Then the strategy: under TF_CONFIG it decides who the chief is.
     strategy = distribute.create_strategy(config.train)
     chief = distribute.is_chief(strategy)
     # The run sets the global policy for its model; its caller gets its own back.
@@ -325,9 +343,9 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
     train_ds, val_ds = run.train_data, run.val_data
     if chief:
         # What the run computes in and compiles with, not what was asked for ("auto").
-        hparams = {**config_lib.flatten(config), "precision": compute.precision,
-                   "jit_compile": compute.jit_compile}
-        callbacks_lib.write_run_summaries(workdir, hparams,
+        values = hparams.run_values(config_lib.flatten(config), {
+            "precision": compute.precision, "jit_compile": compute.jit_compile})
+        callbacks_lib.write_run_summaries(workdir, values,
                                           pipeline.preview(source, PREVIEW_IMAGES))
 
     started = time.time()

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 from absl import logging
 
+from trainer import checks
 from trainer import config as config_lib
 from trainer import files
 from trainer.config import Config, UserError
@@ -37,6 +38,8 @@ BEST_CHECKPOINT = os.path.join(CHECKPOINTS_DIR, "best")  # a directory, publishe
 BEST_WEIGHTS = "weights"  # checkpoint prefix inside BEST_CHECKPOINT
 BEST_EPOCH_FILE = "epoch.json"  # inside BEST_CHECKPOINT: which epoch its weights are
 MONITOR = "val_accuracy"  # the history column that decides the best epoch (higher is better)
+SECONDS = "seconds"  # the history column of an epoch's time, training and validation
+OLD_SECONDS = "epoch_seconds"  # its name in rows written before (TensorBoard: epoch_epoch_seconds)
 
 
 @contextlib.contextmanager
@@ -168,7 +171,9 @@ def summarize(history: list[dict[str, Any]], final_val_accuracy: float, **extra:
         "last_epoch_val_accuracy": history[-1].get("val_accuracy"),
         "epochs_completed": len(history),
         "train_images_per_sec": statistics.median(steady),
-        "wall_time_sec": sum(row["epoch_seconds"] for row in history),
+        # Not wall time: start-up, caching, evaluation and exports are left out.
+        "total_epoch_time_sec": sum(row.get(SECONDS, row.get(OLD_SECONDS, 0.0))
+                                    for row in history),
         **extra,
     }
 
@@ -231,7 +236,23 @@ def read_config(workdir: str) -> Config | None:
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return config_lib.from_json(f.read())
+        return checks.data_used(config_lib.from_json(f.read()))
+
+
+def finished(history: list[dict[str, Any]], config: Config) -> bool:
+    """Whether a run with these history.csv rows has nothing left to train under `config`:
+    all its epochs, or early stopping ended it."""
+    return len(history) >= config.train.epochs or early_stopping_done(
+        history, config.train.early_stopping_patience)
+
+
+def complete(config: Config) -> bool:
+    """Whether the workdir holds this run (its identity unchanged), finished under `config`:
+    a rerun then has nothing to do and needs none of its inputs. Read without the lock."""
+    previous = read_config(config.workdir)
+    if previous is None or read_summary(config.workdir) is None or differences(previous, config):
+        return False
+    return finished(read_history(os.path.join(config.workdir, HISTORY_FILE)), config)
 
 
 def prepare(config: Config, chief: bool) -> dict[str, Any] | None:
@@ -267,8 +288,7 @@ def prepare(config: Config, chief: bool) -> dict[str, Any] | None:
                 f"--workdir={workdir} has completed; rerun with --epochs={len(history)} or more.")
     summary = read_summary(workdir)
     if summary is not None:
-        if len(history) >= config.train.epochs or early_stopping_done(
-                history, config.train.early_stopping_patience):
+        if finished(history, config):
             return summary
         logging.info("The run in %s finished after %d epochs; continuing it up to --epochs=%d "
                      "(--early_stopping_patience=%d).", workdir, len(history),

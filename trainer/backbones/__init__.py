@@ -3,8 +3,9 @@
 Each module in MODULES declares `SPECS`, a tuple of `Spec`: whether the
 backbone starts pretrained, whether it follows the precision policy, its
 BatchNorm layers, variants, input range, how reports name its weights, its
-checks, and `build`. Configuration checks, the compute and XLA choices, the
-model, compare and the benchmark ask the spec; none keeps a list of names.
+checks, the inputs it needs (trainer/preflight.py), and `build`. Configuration
+checks, the compute and XLA choices, the model, compare and the benchmark ask
+the spec; none keeps a list of names.
 Adding a backbone is its module plus one line in MODULES.
 
 No TensorFlow here or in a backbone module at import time (`build` and the
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
     import tf_keras as keras
 
     from trainer.config import DataConfig, ModelConfig
+    from trainer.preflight import Need
 
 # The modules that declare backbones, each with SPECS; the order is --help's.
 MODULES = (
@@ -31,6 +34,7 @@ MODULES = (
     "trainer.backbones.wide_resnet",
 )
 RANDOM_WEIGHTS = "none (random)"  # how reports name a randomly initialised backbone's weights
+KERAS_CACHE_SUBDIR = "models"  # where Keras keeps downloaded weights, in its cache directory
 LAYER_NAME = "backbone"  # the name of the layer `build` returns (export and tests find it by it)
 # What a network takes, made from uint8 RGB images by the model's preprocessing layer:
 # "caffe": BGR minus the ImageNet channel means (0..255 scale), as Keras ResNet50's
@@ -41,6 +45,11 @@ INPUT_RANGES = ("caffe", "[0,1]", "[-1,1]")
 
 def _no_check(*_: Any) -> None:
     """Nothing to check."""
+
+
+def _no_needs(_: Any) -> list[Need]:
+    """Needs no input beyond the flags."""
+    return []
 
 
 def _random_initialisation(_: Any) -> bool:
@@ -86,6 +95,9 @@ class Spec:
     # (model, data): raises UserError on settings this backbone cannot run
     # with; no file is read.
     check: Callable[[ModelConfig, DataConfig], None] = _no_check
+    # The local files its flags name that cannot be used, and what it would
+    # download for lack of a local copy (trainer/preflight.py); fetches nothing.
+    needs: Callable[[ModelConfig], list[Need]] = _no_needs
     # Raises UserError, before any data is read, on weights or a handle the
     # run could not load. Local files only, except remote .npz weights, which
     # are fetched into their cache (what `build` would fetch).
@@ -101,6 +113,18 @@ class Spec:
         if self.saved_model and self.throughput_target is not None:
             raise ValueError(f"Backbone {self.name}: a SavedModel computes in float32 "
                              "whatever the policy; a throughput target cannot apply.")
+
+
+def keras_cached_file(file_name: str, cache_dir: str | None = None) -> str | None:
+    """The file of that name in Keras' download cache (`models/` under `cache_dir`, by
+    default ~/.keras, or under /tmp/.keras, where Keras falls back when that is not
+    writable), or None: what keras.utils.get_file would not download again."""
+    default = os.path.join(os.path.expanduser("~"), ".keras")
+    for directory in (cache_dir or default, os.path.join("/tmp", ".keras")):
+        path = os.path.join(directory, KERAS_CACHE_SUBDIR, file_name)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def specs() -> tuple[Spec, ...]:
@@ -121,6 +145,14 @@ def specs() -> tuple[Spec, ...]:
 def names() -> tuple[str, ...]:
     """The --backbone values, in MODULES order."""
     return tuple(spec.name for spec in specs())
+
+
+def weights_of(config: Mapping[str, Any]) -> str | None:
+    """Where a run's backbone started from, in its spec's words, from the run's flat config
+    (config.json's sections merged); None for a backbone no longer registered."""
+    if config.get("backbone") not in names():
+        return None
+    return spec(config["backbone"]).weights(config)
 
 
 def spec(name: str) -> Spec:

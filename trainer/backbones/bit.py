@@ -19,6 +19,8 @@ from trainer.config import ModelConfig, UserError
 if TYPE_CHECKING:
     import tf_keras as keras
 
+    from trainer.preflight import Need
+
 # BiT-S (ImageNet-1k) and BiT-M (ImageNet-21k) as published; R152x2 only as BiT-M.
 VARIANTS = (
     "s-r50x1", "s-r50x3", "s-r101x1", "s-r101x3", "s-r152x4",
@@ -81,6 +83,13 @@ def check_fields(config: ModelConfig) -> None:
         raise UserError("--bit_weights must be an .npz path or URL, or none.")
 
 
+def needs(config: ModelConfig) -> list[Need]:
+    """The .npz file of --bit_weights, or its download (see bit_weights.needs)."""
+    from trainer.backbones import bit_weights  # it imports this module
+
+    return bit_weights.needs(config)
+
+
 def check_source(config: ModelConfig) -> None:
     """Raises UserError naming --bit_weights when the .npz file (fetched into the Keras cache
     if a URL) does not fit the network of --bit_variant; see bit_weights.check_source."""
@@ -107,6 +116,6 @@ SPECS = (Spec(
                 ".npz weights (--bit_variant, --bit_weights)",
     build=build, input_range="[-1,1]", pretrained=pretrained, weights=weights,
     fields=("bit_variant", "bit_weights"), variants=VARIANTS,
-    check_fields=check_fields, check_source=check_source,
+    check_fields=check_fields, needs=needs, check_source=check_source,
     throughput_target=1.25,  # against the same network in float32 (trainer.bench)
 ),)

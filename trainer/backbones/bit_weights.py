@@ -18,14 +18,15 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from trainer import backbones
 from trainer.backbones.bit import Architecture, architecture
 from trainer.config import ModelConfig, UserError
+from trainer.preflight import LocalProblem, Need, Remote
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
 WEIGHTS_URL = "https://storage.googleapis.com/bit_models/{name}.npz"
-WEIGHTS_CACHE_SUBDIR = "models"  # in the Keras cache, beside Keras' own application weights
 NPZ_PREFIX = "resnet/"  # every array of an official file is under it
 # The pretrained classifier (1000 or 21843 classes): present in the files, dropped here.
 HEAD_KEYS = ("resnet/head/conv2d/kernel", "resnet/head/conv2d/bias")
@@ -147,6 +148,54 @@ def check_npz(path: str, source: str, variant: str) -> None:
                                  f"{key}{looks_like}", arch, variant)
 
 
+def _source(config: ModelConfig) -> str:
+    """--bit_weights, or the official file's URL when it is not given."""
+    return config.bit_weights or official_url(config.bit_variant)
+
+
+def _file_name(source: str) -> str:
+    return os.path.basename(urlsplit(source).path) or "bit_weights.npz"
+
+
+def _cache_dir() -> str:
+    # $KERAS_HOME as Keras' own config uses it (the Kubernetes Jobs point it at
+    # the data volume); tf_keras' get_file itself only knows ~/.keras.
+    return os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+
+
+def _offline_way(file_name: str) -> str:
+    return (f"Offline, download {file_name} on a connected machine, copy it here and pass "
+            f"--bit_weights=/path/to/{file_name} (or --bit_weights=none for random "
+            "initialisation).")
+
+
+def needs(config: ModelConfig) -> list[Need]:
+    """What --bit_weights needs before the run starts (see trainer/preflight.py): a local
+    file that fits the network of --bit_variant (headers read), or the download of a URL
+    the Keras cache does not hold yet."""
+    if config.bit_weights == "none":
+        return []
+    source = _source(config)
+    if "://" not in source:
+        try:
+            check_npz(_local_file(source), source, config.bit_variant)
+        except UserError as e:
+            return [LocalProblem("--bit_weights", str(e))]
+        return []
+    file_name = _file_name(source)
+    if backbones.keras_cached_file(file_name, _cache_dir()):
+        return []
+    return [Remote("--bit_weights", f"the BiT weights {file_name}", source,
+                   _offline_way(file_name))]
+
+
+def _local_file(source: str) -> str:
+    if not os.path.isfile(source):
+        raise UserError(f"--bit_weights={source} is not a file; pass the path or URL of "
+                        "a BiT .npz file, or none for random initialisation.")
+    return source
+
+
 def weights_path(config: ModelConfig) -> str:
     """The local .npz file of --bit_weights, downloaded once into the Keras cache
     ($KERAS_HOME or ~/.keras, under models/) if a URL.
@@ -154,16 +203,11 @@ def weights_path(config: ModelConfig) -> str:
     Raises:
       UserError: a local path is not a file, or the download failed (offline).
     """
-    source = config.bit_weights or official_url(config.bit_variant)
+    source = _source(config)
     if "://" not in source:
-        if not os.path.isfile(source):
-            raise UserError(f"--bit_weights={source} is not a file; pass the path or URL of "
-                            "a BiT .npz file, or none for random initialisation.")
-        return source
-    file_name = os.path.basename(urlsplit(source).path) or "bit_weights.npz"
-    # $KERAS_HOME as Keras' own config uses it (the Kubernetes Jobs point it at
-    # the data volume); tf_keras' get_file itself only knows ~/.keras.
-    cache_dir = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+        return _local_file(source)
+    file_name = _file_name(source)
+    cache_dir = _cache_dir()
     try:
         # get_file falls back to /tmp/.keras, which the OS empties, when the directory is missing.
         os.makedirs(cache_dir, exist_ok=True)
@@ -172,14 +216,13 @@ def weights_path(config: ModelConfig) -> str:
     import tf_keras as keras  # only to download
 
     try:
-        return keras.utils.get_file(file_name, origin=source, cache_subdir=WEIGHTS_CACHE_SUBDIR,
+        return keras.utils.get_file(file_name, origin=source,
+                                    cache_subdir=backbones.KERAS_CACHE_SUBDIR,
                                     cache_dir=cache_dir)
     except Exception as e:  # get_file raises plain Exception for every fetch failure
         raise UserError(
             f"--bit_weights: the BiT weights {source} could not be downloaded "
-            f"({str(e).splitlines()[0][:200]}). Offline, download {file_name} on a connected "
-            f"machine, copy it here and pass --bit_weights=/path/to/{file_name} (or "
-            "--bit_weights=none for random initialisation).") from None
+            f"({str(e).splitlines()[0][:200]}). {_offline_way(file_name)}") from None
 
 
 def checked_weights_path(config: ModelConfig) -> str:
@@ -189,7 +232,7 @@ def checked_weights_path(config: ModelConfig) -> str:
       UserError: naming --bit_weights; see `weights_path` and `check_npz`.
     """
     path = weights_path(config)
-    check_npz(path, config.bit_weights or official_url(config.bit_variant), config.bit_variant)
+    check_npz(path, _source(config), config.bit_variant)
     return path
 
 

@@ -7,11 +7,13 @@ inside it, and XLA cannot compile its trainable gradient once (see
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import TYPE_CHECKING, Any, Mapping
 
 from trainer.backbones import LAYER_NAME, Spec
 from trainer.config import DataConfig, ModelConfig, UserError
+from trainer.preflight import LocalProblem, Need, Remote
 
 if TYPE_CHECKING:
     import tf_keras as keras
@@ -38,21 +40,51 @@ def needs_handle(config: ModelConfig, data: DataConfig) -> None:
                         "vector: URL or directory).")
 
 
-def check_source(config: ModelConfig) -> None:
-    """Raises UserError naming --hub_handle when a local handle is not a usable SavedModel."""
+def _local_handle_problem(config: ModelConfig) -> str | None:
+    """Why a local --hub_handle is not a usable SavedModel, or None (URLs: None)."""
     path = handle(config)
     if "://" in path:
-        return
+        return None
     if not os.path.isdir(path):
-        raise UserError(f"--hub_handle={path} is neither a URL nor a directory.")
+        return f"--hub_handle={path} is neither a URL nor a directory."
     if os.path.exists(os.path.join(path, "tfhub_module.pb")):
         if config.trainable:
-            raise UserError(
-                f"--hub_handle={path} is a TF1 Hub module, which cannot be fine-tuned; "
-                "use a TF2 SavedModel or --notrainable.")
+            return (f"--hub_handle={path} is a TF1 Hub module, which cannot be fine-tuned; "
+                    "use a TF2 SavedModel or --notrainable.")
     elif not os.path.exists(os.path.join(path, "saved_model.pb")):
-        raise UserError(f"--hub_handle={path} is not a SavedModel directory "
-                        "(no saved_model.pb).")
+        return f"--hub_handle={path} is not a SavedModel directory (no saved_model.pb)."
+    return None
+
+
+def _cached(url: str) -> bool:
+    """Whether tensorflow_hub's download cache holds the model of `url` (TFHUB_CACHE_DIR,
+    --tfhub_cache_dir or the temp directory; one directory per SHA-1 of the handle)."""
+    from tensorflow_hub import resolver  # imports TensorFlow
+
+    cache_dir = resolver.tfhub_cache_dir(use_temp=True)
+    return os.path.isdir(os.path.join(cache_dir, hashlib.sha1(url.encode("utf8")).hexdigest()))
+
+
+def needs(config: ModelConfig) -> list[Need]:
+    """A local --hub_handle that is a usable SavedModel, or the download of a URL the TF
+    Hub cache does not hold."""
+    problem = _local_handle_problem(config)
+    if problem:
+        return [LocalProblem("--hub_handle", problem)]
+    path = handle(config)
+    if "://" not in path or _cached(path):
+        return []
+    return [Remote("--hub_handle", "the TF Hub model", path,
+                   "Offline, download the model on a connected machine, extract it and pass "
+                   "its directory with --hub_handle (or point TFHUB_CACHE_DIR at a cache that "
+                   "holds it).")]
+
+
+def check_source(config: ModelConfig) -> None:
+    """Raises UserError naming --hub_handle when a local handle is not a usable SavedModel."""
+    problem = _local_handle_problem(config)
+    if problem:
+        raise UserError(problem)
 
 
 def build(config: ModelConfig, image_size: int) -> keras.layers.Layer:
@@ -77,7 +109,8 @@ def _spec(name: str, description: str, **values: Any) -> Spec:
     # layers (GroupNorm ones ignore `training`), none built here.
     return Spec(name=name, description=description, build=build, input_range="[0,1]",
                 pretrained=lambda config: True, weights=weights, saved_model=True,
-                batch_norm=True, fields=("hub_handle",), check_source=check_source, **values)
+                batch_norm=True, fields=("hub_handle",), needs=needs, check_source=check_source,
+                **values)
 
 
 SPECS = (

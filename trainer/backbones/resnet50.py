@@ -9,13 +9,18 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Mapping
 
-from trainer.backbones import LAYER_NAME, RANDOM_WEIGHTS, Spec
+from trainer.backbones import LAYER_NAME, RANDOM_WEIGHTS, Spec, keras_cached_file
 from trainer.config import KERAS_BATCH_NORM_MOMENTUM, DataConfig, ModelConfig, UserError
+from trainer.preflight import LocalProblem, Need, Remote
 
 if TYPE_CHECKING:
     import tf_keras as keras
 
 MIN_IMAGE_SIZE = 32  # pixels: five stride-2 stages leave at least 1x1
+# The no-top ImageNet weights --weights=imagenet loads, as keras.applications fetches them.
+IMAGENET_WEIGHTS_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+IMAGENET_WEIGHTS_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+                        + IMAGENET_WEIGHTS_FILE)
 
 
 def pretrained(config: ModelConfig) -> bool:
@@ -41,10 +46,29 @@ def check(config: ModelConfig, data: DataConfig) -> None:
                         f"--backbone={config.backbone}, got {data.image_size}.")
 
 
+def _weights_file_problem(config: ModelConfig) -> str | None:
+    if config.weights not in ("imagenet", "none") and not os.path.isfile(config.weights):
+        return f"--weights={config.weights} is not a file (nor imagenet or none)."
+    return None
+
+
+def needs(config: ModelConfig) -> list[Need]:
+    """A --weights file, or the download of the ImageNet weights when Keras' cache lacks them."""
+    problem = _weights_file_problem(config)
+    if problem:
+        return [LocalProblem("--weights", problem)]
+    if config.weights != "imagenet" or keras_cached_file(IMAGENET_WEIGHTS_FILE):
+        return []
+    return [Remote("--weights", f"the ImageNet weights of ResNet50 ({IMAGENET_WEIGHTS_FILE})",
+                   IMAGENET_WEIGHTS_URL, "Offline, copy that file here and pass "
+                   "--weights=/path/to/it, or use --weights=none.")]
+
+
 def check_source(config: ModelConfig) -> None:
     """Raises UserError naming --weights when a weights file does not exist."""
-    if config.weights not in ("imagenet", "none") and not os.path.isfile(config.weights):
-        raise UserError(f"--weights={config.weights} is not a file (nor imagenet or none).")
+    problem = _weights_file_problem(config)
+    if problem:
+        raise UserError(problem)
 
 
 def with_batch_norm_momentum(model: keras.Model, momentum: float) -> keras.Model:
@@ -94,6 +118,6 @@ SPECS = (Spec(
     description="Keras ResNet50: ImageNet weights (--weights), random or a weights file",
     build=build, input_range="caffe", pretrained=pretrained, weights=weights,
     batch_norm=True, native_batch_norm=True, fields=("weights",),
-    check_fields=check_fields, check=check, check_source=check_source,
+    check_fields=check_fields, check=check, needs=needs, check_source=check_source,
     throughput_target=1.8,  # against the recipe's own float32 model (trainer.bench)
 ),)

@@ -22,6 +22,7 @@ import tensorflow as tf
 from absl import logging
 from PIL import Image
 
+from trainer import preflight
 from trainer.config import DataConfig, UserError
 from trainer.data.cache import CachePlan, fingerprint
 from trainer.data.decode import LOGGED_NAMES
@@ -35,6 +36,8 @@ MAX_IMAGE_PIXELS = 50_000_000
 SYNTHETIC_CLASSES = 5
 SYNTHETIC_IMAGE_SIZE = 224  # pixels: synthetic images when --image_size is left to a rule
 SIZE_SAMPLE = 100  # training images whose headers give the dataset's typical size
+TFDS_OFFLINE = ("Offline, prepare it on a connected machine and pass --data_dir, or pass an "
+                "image folder (for tf_flowers: the extracted flower_photos) with --image_dir.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,28 @@ class DataSource:
         return sorted(sizes, key=lambda hw: hw[0] * hw[1])[len(sizes) // 2]
 
 
+def needs(config: DataConfig) -> list[preflight.Need]:
+    """What the data needs before a run starts (see trainer/preflight.py): the folder of
+    --image_dir; the TFDS dataset prepared in --data_dir, or its download when it is
+    prepared nowhere. Reads directory listings only; fetches nothing."""
+    if config.image_dir:
+        problem = image_folder_problem(config.image_dir)
+        return [preflight.LocalProblem("--image_dir", problem)] if problem else []
+    if config.dataset == "synthetic":
+        return []
+    if config.data_dir and "://" in config.data_dir:  # read where it is: its host is checked
+        return [preflight.Remote("--data_dir", f"--dataset={config.dataset}", config.data_dir,
+                                 TFDS_OFFLINE)]
+    if config.data_dir and not os.path.isdir(config.data_dir):
+        return [preflight.LocalProblem("--data_dir", f"--data_dir={config.data_dir} is not a "
+                                       f"directory. {TFDS_OFFLINE}")]
+    try:
+        builder = tfds_builder(config)
+    except UserError as e:
+        return [preflight.LocalProblem("--dataset", str(e))]
+    return [] if builder.is_prepared() else _unprepared_needs(config, builder)
+
+
 def create_data_source(config: DataConfig, seed: int) -> DataSource:
     """Resolves the data the config names: an image folder, synthetic, or TFDS.
 
@@ -143,6 +168,26 @@ def check_image_file(path: str) -> str | None:
     return None
 
 
+def _class_folders(image_dir: str) -> list[str]:
+    return [name for name in sorted(os.listdir(image_dir))
+            if not name.startswith(".") and os.path.isdir(os.path.join(image_dir, name))]
+
+
+def image_folder_problem(image_dir: str) -> str | None:
+    """Why --image_dir cannot be an image folder (not a directory, fewer than 2 class
+    sub-folders), from its listing alone; None when it may be."""
+    if not os.path.isdir(image_dir):
+        return f"--image_dir={image_dir} is not a directory."
+    try:
+        found = _class_folders(image_dir)
+    except OSError as e:
+        return f"--image_dir={image_dir} cannot be read ({e.strerror})."
+    if len(found) < 2:
+        return (f"--image_dir={image_dir} must hold at least 2 class sub-folders with images "
+                f"({IMAGE_EXTENSIONS}); found {len(found)}: {found}.")
+    return None
+
+
 def list_image_folder(image_dir: str) -> tuple[list[str], list[int], list[str]]:
     """Lists usable images under one sub-folder per class, sorted.
 
@@ -150,13 +195,12 @@ def list_image_folder(image_dir: str) -> tuple[list[str], list[int], list[str]]:
       (paths, labels, class_names). Hidden files, other extensions and files
       that fail `check_image_file` are left out; the latter with a count in the log.
     """
-    if not os.path.isdir(image_dir):
-        raise UserError(f"--image_dir={image_dir} is not a directory.")
+    problem = image_folder_problem(image_dir)
+    if problem:
+        raise UserError(problem)
     class_names, paths, labels, skipped = [], [], [], []
-    for name in sorted(os.listdir(image_dir)):
+    for name in _class_folders(image_dir):
         class_dir = os.path.join(image_dir, name)
-        if name.startswith(".") or not os.path.isdir(class_dir):
-            continue
         files = [
             os.path.join(class_dir, f)
             for f in sorted(os.listdir(class_dir))
@@ -255,34 +299,49 @@ def _synthetic_source(config: DataConfig, seed: int) -> DataSource:
     )
 
 
+def tfds_builder(config: DataConfig) -> Any:
+    """The TFDS builder of --dataset in --data_dir (nothing is read or downloaded).
+
+    Raises:
+      UserError: --dataset is not a TFDS dataset.
+    """
+    import tensorflow_datasets as tfds  # slow to import; only TFDS runs pay for it
+
+    try:
+        return tfds.builder(config.dataset, data_dir=config.data_dir)
+    except Exception as e:
+        raise UserError(
+            f"--dataset={config.dataset} is not a TFDS dataset ({e.__class__.__name__}); use "
+            "synthetic, tf_flowers or another TFDS image-classification dataset, or --image_dir."
+        ) from None
+
+
+def _unprepared_needs(config: DataConfig, builder: Any) -> list[preflight.Need]:
+    """A dataset not prepared: a problem of --data_dir when given, else its download."""
+    name = config.dataset
+    if config.data_dir:
+        return [preflight.LocalProblem("--data_dir", f"--dataset={name} is not prepared in "
+                                       f"--data_dir={config.data_dir}. {TFDS_OFFLINE}")]
+    # The files it is made from (checksums.tsv), else its home page: the host to check.
+    url = next(iter(builder.url_infos or {}), builder.info.homepage)
+    return [preflight.Remote("--data_dir", f"the {name} dataset (not prepared in the default "
+                             "TFDS data directory)", url, TFDS_OFFLINE)]
+
+
 def _tfds_source(config: DataConfig, seed: int) -> DataSource:
     import tensorflow_datasets as tfds  # slow to import; only TFDS runs pay for it
 
     name = config.dataset
-    way_out = ("Offline, prepare it on a connected machine and pass --data_dir, or pass an "
-               "image folder (for tf_flowers: the extracted flower_photos) with --image_dir.")
-    try:
-        builder = tfds.builder(name, data_dir=config.data_dir)
-    except Exception as e:
-        raise UserError(
-            f"--dataset={name} is not a TFDS dataset ({e.__class__.__name__}); use synthetic, "
-            "tf_flowers or another TFDS image-classification dataset, or --image_dir."
-        ) from None
+    builder = tfds_builder(config)
     if not builder.is_prepared():
-        if config.data_dir:
-            raise UserError(
-                f"--dataset={name} is not prepared in --data_dir={config.data_dir}. {way_out}")
-        if not host_resolves(builder.info.homepage):
-            raise UserError(
-                f"--dataset={name} is not prepared and this machine looks offline (cannot "
-                f"resolve {urllib.parse.urlparse(builder.info.homepage).hostname}). {way_out}")
+        preflight.require(_unprepared_needs(config, builder))
         logging.info("Downloading and preparing %s ...", name)
         try:
             builder.download_and_prepare()
         except Exception as e:
             raise UserError(
                 f"--dataset={name} could not be downloaded ({str(e).splitlines()[0][:200]}). "
-                f"{way_out}") from None
+                f"{TFDS_OFFLINE}") from None
     features = builder.info.features
     if "image" not in features or "label" not in features:
         raise UserError(f"--dataset={name} has no 'image' and 'label' features; "
