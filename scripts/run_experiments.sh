@@ -8,7 +8,10 @@
 # --presets=LIST  comma-separated NAME or NAME=EXPERIMENT items (default: the six);
 #                 NAME is the run's sub-directory, EXPERIMENT a trainer preset.
 # Every other flag goes to each run of `python -m trainer.main` (PYTHON picks
-# the interpreter). A run with summary.json is complete and skipped; any other
+# the interpreter). The runs share one file cache of the decoded images in
+# <workdir>/cache (they read the same images at the same size, so only the first
+# decodes them); pass --cache=... to choose otherwise (--cache=auto: each run
+# its own). A run with summary.json is complete and skipped; any other
 # run is (re)started and the trainer resumes it from its last epoch (one that
 # never finished an epoch starts afresh, so its flags may change). A failed run
 # does not stop the others; the exit code is 1 if any failed.
@@ -18,6 +21,7 @@ set -u
 PRESETS="resnet50_scratch,resnet50_imagenet_finetune,resnet50_hub_transfer,resnet50_hub_finetune,bit_transfer,bit_finetune"
 PYTHON="${PYTHON:-python3}"
 workdir=""
+cache_given=""
 extra=()
 while (($#)); do
   case "$1" in
@@ -29,6 +33,7 @@ while (($#)); do
       echo "error: --experiment is chosen per run; use --presets=NAME=EXPERIMENT,..." >&2
       exit 2 ;;
     -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    --cache|--cache=*) cache_given=1; extra+=("$1") ;;
     *) extra+=("$1") ;;
   esac
   shift
@@ -36,6 +41,10 @@ done
 if [[ -z "$workdir" ]]; then
   echo "error: --workdir=DIR is required (each preset runs in DIR/<name>)." >&2
   exit 2
+fi
+
+if [[ -z "$cache_given" ]]; then
+  extra=("--cache=$workdir/cache" ${extra[@]+"${extra[@]}"})
 fi
 
 IFS=, read -r -a items <<< "$PRESETS"

@@ -204,6 +204,21 @@ def test_file_cache_changes_with_the_files_and_settings_and_keeps_no_stale_entry
     assert file_source(image_dir, cache_dir, image_size=20).fingerprint != same.fingerprint
 
 
+def test_runs_that_read_the_same_images_at_the_same_size_share_one_cache_name(image_dir):
+    def name(**kw):
+        return sources.create_data_source(folder_config(image_dir, **kw), 0).fingerprint
+
+    # The random parts come after the cache: a sweep of presets shares the decoded images.
+    assert name() == name(augment="flip_crop", mixup_alpha=0.1, global_batch_size=3)
+    assert name() != name(image_size=20)
+    # Random resized crops store the training images at --resize_size.
+    crops = name(augment="resize_crop", resize_size=20)
+    assert crops not in (name(), name(image_size=20))
+    assert crops == name(augment="resize_crop", resize_size=20, mixup_alpha=0.1)
+    assert name() != name(val_fraction=0.5)
+    assert name() != sources.create_data_source(folder_config(image_dir), 1).fingerprint
+
+
 def test_concurrent_writers_of_one_cache_each_write_their_own(image_dir, tmp_path):
     cache_dir = tmp_path / "cache"
     first, second = file_source(image_dir, cache_dir), file_source(image_dir, cache_dir)
@@ -216,6 +231,57 @@ def test_concurrent_writers_of_one_cache_each_write_their_own(image_dir, tmp_pat
     assert entries(cache_dir) == sorted([writing, f"val-{first.fingerprint}"])
     assert sum(1 for _ in slow) == 3  # first finishes its own pass; the published entry stays
     assert entries(cache_dir) == [f"val-{first.fingerprint}"]
+
+
+SHARED_CACHE_RUN = """
+import sys
+import numpy as np
+import tensorflow as tf
+from trainer.data import cache
+
+directory, pause = sys.argv[1], sys.argv[2] == "pause"
+
+def images():  # decoded images as a run's first pass delivers them
+    for label in range(4):
+        if pause and label == 2:  # halfway through writing: wait for the test's word
+            print("writing", flush=True)
+            sys.stdin.readline()
+        yield np.full((8, 8, 3), 10 * label, np.uint8), label
+
+spec = (tf.TensorSpec((8, 8, 3), tf.uint8), tf.TensorSpec((), tf.int64))
+ds = cache.cache_examples(tf.data.Dataset.from_generator(images, output_signature=spec),
+                          cache.CachePlan("file", directory), "train", "same-images", 0, 1)
+for passes in range(2):  # the second pass reads what the first wrote or found
+    print("read", [(int(x[0, 0, 0]), int(y)) for x, y in ds.as_numpy_iterator()], flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_a_cache_directory_publish_one_whole_entry(tmp_path):
+    """Two runs on one --cache=DIR, the first paused halfway through writing while the
+    second writes and publishes: each reads whole images, one entry is published, and
+    the paused writer's temporary goes away when it finishes. The processes wait on
+    each other's words (pipes), never on sleeps."""
+    cache_dir = tmp_path / "shared"
+    first = subprocess.Popen([sys.executable, "-c", SHARED_CACHE_RUN, str(cache_dir), "pause"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "writing\n"
+        (writing,) = entries(cache_dir)
+        assert ".tmp-" in writing
+        second = subprocess.run([sys.executable, "-c", SHARED_CACHE_RUN, str(cache_dir), "go"],
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stderr[-3000:]
+        expected = "read [(0, 0), (10, 1), (20, 2), (30, 3)]\n"
+        assert second.stdout == 2 * expected
+        assert entries(cache_dir) == sorted([writing, "train-0of1-same-images"])
+        first.stdin.write("go\n")
+        first.stdin.close()
+        assert first.stdout.read() == 2 * expected and first.wait(timeout=300) == 0
+    finally:
+        first.kill()
+        first.wait()
+    assert entries(cache_dir) == ["train-0of1-same-images"]
 
 
 WRITER_KILLED_MID_PASS = """
@@ -415,3 +481,49 @@ def test_a_misspelt_cache_mode_is_an_error_not_a_directory():
         checks.resolve(config_lib.override(config_lib.Config(), {"cache": "memroy"}))
     resolved = checks.resolve(config_lib.override(config_lib.Config(), {"cache": "./cache"}))
     assert resolved.data.cache == "./cache"
+
+
+def test_every_dct_scale_decodes_from_the_listings_headers_in_order_with_failures_named(
+        tmp_path, caplog):
+    """Files of every scale group (four JPEG scales, PNG) decode in their own streams and
+    come back in the split's order, each as decoding it alone gives; cut files of two
+    groups, one the very last, are left out and named."""
+    root = tmp_path / "scales"
+    sides = {0: (20, 24), 1: (40, 50), 2: (70, 90), 3: (140, 150)}  # ratio index: (h, w) at 16 px
+    rng = np.random.default_rng(0)
+    for k in range(24):
+        folder = root / CLASSES[k % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        height, width = sides[k % 4] if k % 5 else (30, 20)
+        pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{k:02d}.{'jpg' if k % 5 else 'png'}")
+    for name in ("01.jpg", "23.jpg"):  # the last of the listing too
+        path = root / CLASSES[int(name[:2]) % 2] / name
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) * 3 // 4])  # header intact, body cut short
+    source = sources.create_data_source(folder_config(str(root), val_fraction=0.5), seed=1)
+    examples = [source.example_names[split](k) for split in ("train", "val")
+                for k in range(source.sizes[split])]
+    assert set(decode.scale_groups(np.concatenate(list(source.jpeg_shapes.values())), 16)) == {
+        0, 1, 2, 3, decode.OTHER_FORMATS}
+
+    decoded = []
+    for split in ("train", "val"):
+        skips = decode.DecodeSkips(source.example_names[split], source.sizes[split])
+        positions = np.arange(source.sizes[split])
+        decoded += [image.numpy() for image, _ in decode.decode_at_known_scales(
+            source.examples_at[split], positions, source.jpeg_shapes[split], 16, skips)]
+    good = [name for name in examples if not name.endswith(("01.jpg", "23.jpg"))]
+    assert len(decoded) == len(good) == 22
+    for image, name in zip(decoded, good):
+        with open(name, "rb") as f:
+            assert np.array_equal(image, decode.decode_image(tf.constant(f.read()), 16).numpy()), name
+    left_out = " ".join(r.getMessage() for r in caplog.records if "cannot decode" in r.getMessage())
+    assert "01.jpg" in left_out and "23.jpg" in left_out
+
+
+def test_a_worker_whose_training_shard_is_empty_reads_nothing(image_dir):
+    source = sources.create_data_source(folder_config(image_dir, val_fraction=0.9), seed=0)
+    assert source.sizes["train"] == 2
+    third = tf.distribute.InputContext(num_input_pipelines=3, input_pipeline_id=2)
+    assert list(pipeline.create_dataset(source, "train", 1, third).take(1)) == []

@@ -60,6 +60,16 @@ def test_presets_run_in_their_own_directories(sweep):
     assert "== all 2 runs complete" in result.stdout
 
 
+def test_the_runs_share_one_file_cache_and_only_the_first_decodes(sweep):
+    workdir, result = sweep
+    shared = workdir / "cache"
+    names = sorted(n for n in os.listdir(shared) if not n.startswith("."))
+    assert [n.split("-")[0] for n in names] == ["train", "val"]  # one entry per split
+    assert len({n.rsplit("-", 1)[1] for n in names}) == 1
+    assert result.stderr.count("Writing the cache") == 2  # the first run's, for two splits
+    assert not any((workdir / name / "cache").exists() for name in ("a", "b"))
+
+
 def test_complete_runs_are_skipped(sweep):
     workdir, _ = sweep
     before = {name: os.stat(workdir / name / "summary.json").st_mtime_ns for name in ("a", "b")}
@@ -139,7 +149,17 @@ def test_the_six_presets_get_the_extra_flags_and_a_failure_does_not_stop_them(tm
     assert "1 of 6 runs failed: resnet50_hub_transfer" in result.stderr
     calls = [call.strip("\n").split("\n") for call in log.read_text().split("--\n") if call]
     assert calls == [["-m", "trainer.main", f"--experiment={name}",
-                      f"--workdir={tmp_path}/runs/{name}", *extra] for name in SIX]
+                      f"--workdir={tmp_path}/runs/{name}", f"--cache={tmp_path}/runs/cache",
+                      *extra] for name in SIX]
+
+
+def test_a_cache_given_replaces_the_shared_one(tmp_path, fake_python):
+    python, log = fake_python
+    result = run_script(f"--workdir={tmp_path}", "--presets=a=smoke", "--cache", "auto",
+                        python=python, env={"FAKE_LOG": str(log)})
+    assert result.returncode == 0
+    assert log.read_text().split("\n")[4:6] == ["--cache", "auto"]
+    assert "--cache=" not in log.read_text()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -80,7 +80,9 @@ class DataConfig:
         "--schedule=bit_hyperrule: default 0.1 from 20,000 training images up, else 0.")
     cache: str = setting(
         "auto", "Where decoded images are kept: auto (memory when they fit, else files under "
-        "the workdir), memory, file, none, or a directory (a path with a /).")
+        "the workdir), memory, file, none, or a directory (a path with a /): a file cache "
+        "that runs reading the same images at the same size share, so only the first "
+        "decodes them (scripts/run_experiments.sh gives its runs one).")
     synthetic_examples: int = setting(1000, "Images in --dataset=synthetic.")
 
 

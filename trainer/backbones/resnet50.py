@@ -119,5 +119,7 @@ SPECS = (Spec(
     build=build, input_range="caffe", pretrained=pretrained, weights=weights,
     batch_norm=True, native_batch_norm=True, fields=("weights",),
     check_fields=check_fields, check=check, needs=needs, check_source=check_source,
-    throughput_target=1.8,  # against the recipe's own float32 model (trainer.bench)
+    # Against the recipe's own float32 model (trainer.bench), on AVX512-BF16: measured
+    # 1.68-1.74 there (docs/benchmark.md); AMX gains about 2x.
+    throughput_target=1.7,
 ),)

@@ -1,11 +1,12 @@
 """The benchmark: the trainer against the reference recipe, side by side, on this hardware.
 
-  python -m trainer.bench                       # both scenarios, resnet50
+  python -m trainer.bench                       # every scenario, resnet50
   python -m trainer.bench --backbone=wide_resnet --scenarios=flowers
+  python -m trainer.bench --scenarios=sweep     # six runs over the same images
 
 Measures, per scenario (scenarios.py), the input pipelines' images/sec in the
-first and in later epochs and the memory a cache of their images takes; on the
-first scenario, training images/sec after warm-up, the trainer's own overhead,
+first and in later epochs and the memory a cache of their images takes (or, for
+a sweep, over several runs of one epoch each); on the first scenario, training images/sec after warm-up, the trainer's own overhead,
 peak resident memory of each side and time per epoch at two data sizes. Prints
 a table (report.py) and writes bench.json with every raw figure.
 """
@@ -149,9 +150,13 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
 
         for scenario in chosen:
             logging.info("Scenario %s: input pipelines.", scenario.name)
+            if scenario.runs == 1:
+                figures = timing.time_input(configs[scenario.name])
+            else:
+                figures = timing.time_sweep(configs[scenario.name], scenario.runs,
+                                            os.path.join(workdir, f"{scenario.name}-cache"))
             report["scenarios"][scenario.name] = {
-                **dataclasses.asdict(scenario), **files[scenario.name],
-                "input": timing.time_input(configs[scenario.name])}
+                **dataclasses.asdict(scenario), **files[scenario.name], "input": figures}
 
         logging.info("Training on %s: tracing and timing.", training.name)
         report["train"] = timing.time_training(sides, settings.train_steps, settings.round_steps)

@@ -23,9 +23,12 @@ TRAINER_FLAGS = cli.define_config_flags(
         "image_dir": "Measured instead of the scenarios.",
     }, module_name=__name__)
 flags.DEFINE_list("scenarios", list(scenarios.SCENARIOS), "Generated image sets to measure the "
-                  "input on: " + ", ".join(f"{s.name} ({s.train_images} {s.description} of "
-                                           f"{s.width}x{s.height} at {s.image_size} px)"
-                                           for s in scenarios.SCENARIOS.values())
+                  "input on: " + ", ".join(
+                      f"{s.name} ({s.train_images} {s.description} of {s.width}x{s.height} at "
+                      f"{s.image_size} px"
+                      + (f"; {s.runs} runs of one epoch each, the trainer's sharing one file "
+                         "cache" if s.runs > 1 else "") + ")"
+                      for s in scenarios.SCENARIOS.values())
                   + ". Training is timed on the first.")
 flags.DEFINE_integer("images", None, "Training images of every scenario (one more is written "
                      "for validation). Default: each scenario's own.")

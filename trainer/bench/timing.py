@@ -136,6 +136,33 @@ def time_input(config: Config) -> dict[str, Any]:
     }
 
 
+def time_sweep(config: Config, runs: int, cache_dir: str) -> dict[str, Any]:
+    """Images/sec of `runs` runs of one epoch each over the same images, interleaved: the
+    recipe decodes in every run; the trainer's runs share one file cache in `cache_dir`
+    (--cache=DIR, as scripts/run_experiments.sh runs them), so only the first decodes.
+
+    Each trainer run makes its data source anew (listing the folder, choosing its
+    cache) as a run does; that set-up is recorded beside the epochs, outside their time.
+    """
+    config = config_lib.override(config, {"cache": cache_dir})
+    size, batch = config.data.image_size, config.data.global_batch_size
+    reference_runs, trainer_runs, setup_seconds = Runs(), Runs(), []
+    for _ in range(runs):
+        start = time.perf_counter()
+        _, source, steps, _ = train_lib.prepare_data(config)
+        setup_seconds.append(time.perf_counter() - start)
+        images, _, seconds = read_epoch(reference.dataset(source.examples["train"](), size, batch))
+        reference_runs.add(images, seconds)
+        images, _, seconds = read_epoch(pipeline.create_dataset(source, "train", batch), steps)
+        trainer_runs.add(images, seconds)
+    return {
+        "runs": runs,
+        "train_images": source.sizes["train"],
+        "all_runs": compare(reference_runs, trainer_runs),
+        "trainer_setup_seconds": setup_seconds,
+    }
+
+
 @dataclasses.dataclass
 class Side:
     """One side of the training comparison: a compiled model, its input, its timed turns."""

@@ -6,7 +6,8 @@ One module per stage, in the order an example meets them:
   example makers, names of examples) and where it comes from (an image folder,
   TFDS, synthetic stripes); `create_data_source`.
 - `decode`: encoded bytes -> uint8 images at the size they are stored at
-  (JPEGs decoded to size); undecodable files left out and named (`DecodeSkips`).
+  (JPEGs decoded to size, at the DCT scale of the header the folder listing
+  read); undecodable files left out and named (`DecodeSkips`).
 - `cache`: where decoded images are kept (`plan_cache`: memory, files published
   by rename, none) and the cache stage (`cache_examples`).
 - `augment`: the random parts after the cache: crops and flips per image,

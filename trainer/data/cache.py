@@ -37,9 +37,13 @@ LABEL_BYTES = 8  # per cached example: its int64 label
 CACHE_FORMAT = 2
 WORKDIR_CACHE = "cache"  # sub-directory of the workdir for file caches
 CACHE_PREFIX = "cache"  # of TensorFlow's files in a cache entry: cache.index, cache.data-*
-# DataConfig fields that cannot change what a cache holds; all others are in
-# its fingerprint, so a new setting invalidates caches unless listed here.
-NOT_IN_CACHE_FINGERPRINT = ("cache", "global_batch_size")
+# DataConfig fields that cannot change what a cache holds (the random parts come
+# after it; the sizes the images are stored at are in the fingerprint themselves);
+# all others are in its fingerprint, so a new setting invalidates caches unless
+# listed here. So runs that read the same images at the same size (a sweep of
+# presets over one dataset) share one cache.
+NOT_IN_CACHE_FINGERPRINT = ("cache", "global_batch_size", "augment", "mixup_alpha",
+                            "image_size", "resize_size")
 CGROUP_ROOT = "/sys/fs/cgroup"  # where a container's memory limit is read
 
 
@@ -241,10 +245,20 @@ def existing_parent(path: str) -> str:
     return path
 
 
+def stored_size(config: DataConfig, split: str) -> int:
+    """Pixels (square) a split's images are decoded and cached at."""
+    # Random resized crops keep the training images larger until the crop.
+    if split == "train" and config.augment == "resize_crop":
+        return config.resize_size
+    return config.image_size
+
+
 def fingerprint(config: DataConfig, seed: int, examples: Any) -> str:
     """A short hash of the examples (JSON-able: file names, sizes, mtimes...) and of
-    every setting that changes the cached images."""
+    every setting that changes the cached images: equal for runs that read the same
+    images at the same sizes, whatever they do after the cache."""
     settings = {k: v for k, v in dataclasses.asdict(config).items()
                 if k not in NOT_IN_CACHE_FINGERPRINT}
-    key = json.dumps([CACHE_FORMAT, settings, seed, examples], sort_keys=True)
+    sizes = {split: stored_size(config, split) for split in ("train", "val")}
+    key = json.dumps([CACHE_FORMAT, settings, sizes, seed, examples], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -18,14 +19,6 @@ from trainer.data import augment, cache, decode
 from trainer.data.sources import DataSource
 
 SHUFFLE_BUFFER = 2048  # images; splits are already randomly ordered once
-
-
-def stored_size(config: DataConfig, split: str) -> int:
-    """Pixels (square) a split's images are decoded and cached at."""
-    # Random resized crops keep the training images larger until the crop.
-    if split == "train" and config.augment == "resize_crop":
-        return config.resize_size
-    return config.image_size
 
 
 def choose_cache(source: DataSource, cache_dir: str | None = None,
@@ -42,7 +35,7 @@ def choose_cache(source: DataSource, cache_dir: str | None = None,
     Raises:
       UserError: the cache asked for cannot hold the images; names --cache.
     """
-    stored_sizes = {split: stored_size(source.config, split) for split in source.sizes}
+    stored_sizes = {split: cache.stored_size(source.config, split) for split in source.sizes}
     plan = cache.plan_cache(
         source.config.cache, cache.cache_bytes(source.sizes, stored_sizes, input_pipelines),
         cache_dir)
@@ -65,18 +58,24 @@ def create_dataset(
     waits on an uneven shard.
     """
     training = split == "train"
-    ds = source.examples[split]()
     num_pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline_id = input_context.input_pipeline_id if input_context else 0
     if not training or num_pipelines == 1:
         shard, num_shards = 0, 1
     else:
         shard, num_shards = pipeline_id, num_pipelines
-        ds = ds.shard(num_shards, shard)
+    positions = np.arange(shard, source.sizes[split], num_shards)  # this pipeline's examples
     names = source.example_names[split]
-    skips = decode.DecodeSkips(lambda k: names(shard + k * num_shards),
-                               len(range(shard, source.sizes[split], num_shards)))
-    ds = decode.decode_examples(ds, stored_size(source.config, split), source.encoded, skips)
+    skips = decode.DecodeSkips(lambda k: names(positions[k]), len(positions))
+    size = cache.stored_size(source.config, split)
+    if source.examples_at is not None:
+        ds = decode.decode_at_known_scales(source.examples_at[split], positions,
+                                           source.jpeg_shapes[split], size, skips)
+    else:
+        ds = source.examples[split]()
+        if num_shards > 1:
+            ds = ds.shard(num_shards, shard)
+        ds = decode.decode_examples(ds, size, source.encoded, skips)
     ds = cache.cache_examples(ds, source.cache, split, source.fingerprint, shard, num_shards)
     if training:
         ds = ds.shuffle(SHUFFLE_BUFFER, seed=source.seed, reshuffle_each_iteration=True)
@@ -91,7 +90,7 @@ def preview(source: DataSource, count: int) -> tf.Tensor:
     """Returns up to `count` training images as the model sees them (uint8)."""
     # The training pass names undecodable files: no DecodeSkips here.
     ds = decode.decode_examples(source.examples["train"]().take(count),
-                                stored_size(source.config, "train"), source.encoded)
+                                cache.stored_size(source.config, "train"), source.encoded)
     ds = augment.augment_examples(ds, source.config.augment, source.config.image_size)
     ds = augment.mixup_batches(ds.batch(count), source.config.mixup_alpha, source.num_classes,
                                training=True)

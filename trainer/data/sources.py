@@ -30,6 +30,7 @@ from trainer.data.decode import LOGGED_NAMES
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # Formats TensorFlow's decode_image reads (MPO: multi-picture JPEG from cameras).
 DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP")
+JPEG_FORMATS = ("JPEG", "MPO")  # what TensorFlow's JPEG decoder reads, at a DCT scale
 # Decompression-bomb cap: a header announcing more pixels than this is skipped
 # before anything is decoded (about 7,000 x 7,000).
 MAX_IMAGE_PIXELS = 50_000_000
@@ -61,6 +62,12 @@ class DataSource:
     example_names: dict[str, Callable[[int], str]]
     # Where the pipeline keeps the decoded images: decided by pipeline.choose_cache.
     cache: CachePlan = CachePlan("memory")
+    # Image folders: the split's examples at some positions (a subset, in the split's
+    # order), and the (height, width) of each example's JPEG header, (0, 0) for other
+    # formats, as the listing read them: the decode stage takes each JPEG's DCT scale
+    # from them (decode.decode_at_known_scales). None where unknown (TFDS, synthetic).
+    examples_at: dict[str, Callable[[np.ndarray | slice], tf.data.Dataset]] | None = None
+    jpeg_shapes: dict[str, np.ndarray] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -152,20 +159,27 @@ def check_image_file(path: str) -> str | None:
     Whether the rest of the file decodes is TensorFlow's decoder's call (data
     after a JPEG's end, as phones append, is fine; see decode.decode_examples).
     """
+    return read_image_header(path)[0]
+
+
+def read_image_header(path: str) -> tuple[str | None, tuple[int, int]]:
+    """Returns (why the file cannot be used or None, as check_image_file says; (height,
+    width) when it is a JPEG, else (0, 0)), from the header alone."""
+    no_size = (0, 0)
     try:
         if os.path.getsize(path) == 0:
-            return "empty file"
+            return "empty file", no_size
         with Image.open(path) as image:
             kind, (width, height) = image.format, image.size
     except Image.DecompressionBombError:
-        return f"more than {MAX_IMAGE_PIXELS} pixels"
+        return f"more than {MAX_IMAGE_PIXELS} pixels", no_size
     except Exception as e:  # PIL raises many types for unreadable files
-        return f"not an image ({type(e).__name__})"
+        return f"not an image ({type(e).__name__})", no_size
     if kind not in DECODABLE_FORMATS:
-        return f"{kind} format is not supported"
+        return f"{kind} format is not supported", no_size
     if width * height > MAX_IMAGE_PIXELS:
-        return f"{width}x{height} is more than {MAX_IMAGE_PIXELS} pixels"
-    return None
+        return f"{width}x{height} is more than {MAX_IMAGE_PIXELS} pixels", no_size
+    return None, ((height, width) if kind in JPEG_FORMATS else no_size)
 
 
 def _class_folders(image_dir: str) -> list[str]:
@@ -192,13 +206,37 @@ def list_image_folder(image_dir: str) -> tuple[list[str], list[int], list[str]]:
     """Lists usable images under one sub-folder per class, sorted.
 
     Returns:
-      (paths, labels, class_names). Hidden files, other extensions and files
-      that fail `check_image_file` are left out; the latter with a count in the log.
+      (paths, labels, class_names) of `scan_image_folder`.
+    """
+    folder = scan_image_folder(image_dir)
+    return folder.paths, folder.labels, folder.class_names
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolder:
+    """The usable images of a folder with one sub-folder per class, as its listing read them."""
+
+    paths: list[str]
+    labels: list[int]
+    class_names: list[str]
+    # int32 [images, 2]: (height, width) of each JPEG from its header, (0, 0) for
+    # other formats: the DCT scale to decode each at, known before decoding.
+    jpeg_shapes: np.ndarray
+
+
+def scan_image_folder(image_dir: str) -> ImageFolder:
+    """Lists usable images under one sub-folder per class, sorted, reading each header once.
+
+    Hidden files, other extensions and files that fail `check_image_file` are
+    left out; the latter with a count in the log.
+
+    Raises:
+      UserError: not a directory, or fewer than 2 classes with images; names --image_dir.
     """
     problem = image_folder_problem(image_dir)
     if problem:
         raise UserError(problem)
-    class_names, paths, labels, skipped = [], [], [], []
+    class_names, paths, labels, shapes, skipped = [], [], [], [], []
     for name in _class_folders(image_dir):
         class_dir = os.path.join(image_dir, name)
         files = [
@@ -206,14 +244,19 @@ def list_image_folder(image_dir: str) -> tuple[list[str], list[int], list[str]]:
             for f in sorted(os.listdir(class_dir))
             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
         ]
-        good = []
+        good, good_shapes = [], []
         for path in files:
-            reason = check_image_file(path)
-            (skipped.append((path, reason)) if reason else good.append(path))
+            reason, shape = read_image_header(path)
+            if reason:
+                skipped.append((path, reason))
+            else:
+                good.append(path)
+                good_shapes.append(shape)
         if not good:
             logging.warning("Class folder %s has no usable images; it is left out.", class_dir)
             continue
         paths += good
+        shapes += good_shapes
         labels += [len(class_names)] * len(good)
         class_names.append(name)
     if skipped:
@@ -227,18 +270,21 @@ def list_image_folder(image_dir: str) -> tuple[list[str], list[int], list[str]]:
             f"--image_dir={image_dir} must hold at least 2 class sub-folders with images "
             f"({IMAGE_EXTENSIONS}); found {len(class_names)}: {class_names}."
         )
-    return paths, labels, class_names
+    return ImageFolder(paths, labels, class_names, np.array(shapes, np.int32).reshape(-1, 2))
 
 
 def _image_folder_source(config: DataConfig, seed: int) -> DataSource:
-    paths, labels, class_names = list_image_folder(config.image_dir)
+    folder = scan_image_folder(config.image_dir)
+    paths, labels, class_names = folder.paths, folder.labels, folder.class_names
     num_train, num_val = split_sizes(len(paths), config.val_fraction, f"--image_dir={config.image_dir}")
     order = np.random.default_rng(seed).permutation(len(paths))
     paths_arr, labels_arr = np.array(paths)[order], np.array(labels, np.int64)[order]
+    shapes_arr = folder.jpeg_shapes[order]
 
-    def examples(start: int, stop: int) -> Callable[[], tf.data.Dataset]:
-        def make() -> tf.data.Dataset:
-            files = tf.data.Dataset.from_tensor_slices((paths_arr[start:stop], labels_arr[start:stop]))
+    def examples_at(start: int, stop: int) -> Callable[[np.ndarray | slice], tf.data.Dataset]:
+        def make(positions: np.ndarray | slice) -> tf.data.Dataset:
+            files = tf.data.Dataset.from_tensor_slices((paths_arr[start:stop][positions],
+                                                        labels_arr[start:stop][positions]))
             return files.map(lambda path, label: (tf.io.read_file(path), label),
                              num_parallel_calls=tf.data.AUTOTUNE)
         return make
@@ -247,14 +293,18 @@ def _image_folder_source(config: DataConfig, seed: int) -> DataSource:
         stat = os.stat(path)
         return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns, label]
 
+    bounds = {"train": (0, num_train), "val": (num_train, len(paths))}
     return DataSource(
         config=config, seed=seed, class_names=tuple(class_names),
         sizes={"train": num_train, "val": num_val},
-        examples={"train": examples(0, num_train), "val": examples(num_train, len(paths))},
+        examples={split: lambda make=examples_at(*b): make(slice(None))
+                  for split, b in bounds.items()},
         encoded=True,
         contents=[class_names, *map(files, paths, labels)],
         example_names={"train": lambda k: str(paths_arr[k]),
                        "val": lambda k: str(paths_arr[num_train + k])},
+        examples_at={split: examples_at(*b) for split, b in bounds.items()},
+        jpeg_shapes={split: shapes_arr[slice(*b)] for split, b in bounds.items()},
     )
 
 
