@@ -19,7 +19,7 @@ from trainer import config as config_lib
 from trainer import experiments
 from trainer import main, models
 from trainer.config import DataConfig, ModelConfig, UserError
-from trainer.data import decode, sources
+from trainer.data import decode, folders, sources
 
 from conftest import run_main
 
@@ -108,7 +108,7 @@ def test_phone_photos_with_data_after_the_jpeg_are_trained_on(tmp_path, caplog):
     for label, name in enumerate(("a", "b")):
         (folder / name).mkdir(parents=True)
         plain = phone_photos(folder / name, seed=label)
-    paths, _, _ = sources.list_image_folder(str(folder))
+    paths, _, _ = folders.list_image_folder(str(folder))
     assert sorted(os.path.basename(p) for p in paths) == sorted(
         ["motion photo.jpg", "samsung.jpg", "truncated.jpg"] * 2)
     source = sources.create_data_source(DataConfig(image_dir=str(folder), image_size=16,

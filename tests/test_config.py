@@ -87,14 +87,15 @@ RESULT_SETTINGS = {
     "bit_weights": "none", "trainable": False, "freeze_batch_norm": False, "wrn_depth": 16,
     "wrn_width": 1, "dropout_rate": 0.0, "batch_norm_momentum": 0.5, "optimizer": "sgd",
     "learning_rate": 0.5, "schedule": "bit_hyperrule", "total_steps": 1000, "mixup_alpha": 0.2,
-    "resize_size": 40,
+    "resize_size": 40, "examples_per_class": 5, "label_smoothing": 0.1, "ema_decay": 0.99,
 }
 # Each setting that may change between attempts at one run, with another value.
 ATTEMPT_SETTINGS = {
     "experiment": None, "workdir": "elsewhere", "cache": "none", "epochs": 9,
     "early_stopping_patience": 5, "precision": "mixed_bfloat16", "strategy": "mirrored", "tpu": "t",
     "collective_timeout_sec": 30, "steps_per_execution": 4, "jit_compile": "true",
-    "export": False, "export_backbone": True,
+    "export": False, "export_backbone": True, "export_tflite": "int8",
+    "gradient_accumulation_steps": 4, "micro_batch_size": 16,
 }
 
 

@@ -19,7 +19,7 @@ from trainer import checks
 from trainer import config as config_lib
 from trainer import experiments
 from trainer import train
-from trainer.data import cache, decode, pipeline, sources
+from trainer.data import cache, decode, folders, pipeline, sources
 from trainer.config import DataConfig, UserError
 
 from conftest import CLASSES, run_main
@@ -100,7 +100,7 @@ def test_files_tensorflow_cannot_decode_are_left_out_by_name(image_dir, caplog):
     with open(cut, "wb") as f:  # header intact, body cut short
         f.write(jpeg[: len(jpeg) * 4 // 5])
     open(os.path.join(image_dir, "owls", ".hidden.jpg"), "wb").close()
-    paths, _, _ = sources.list_image_folder(image_dir)
+    paths, _, _ = folders.list_image_folder(image_dir)
     assert len(paths) == 19  # the header checks pass the cut JPEG: TensorFlow judges it
     assert "Skipped 2 of 21" in caplog.text
     source = sources.create_data_source(folder_config(image_dir), seed=0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import distribute, models, train
+from trainer import distribute, models, steps
 from trainer.config import DataConfig, ModelConfig, TrainConfig, UserError
 from trainer.data import pipeline, sources
 
@@ -130,7 +130,7 @@ def test_mirrored_over_two_cpus_splits_the_global_batch():
     assert [x.shape[0] for x in per_replica] == [4, 4]
     with strategy.scope():
         model = models.create_model(ModelConfig(backbone="wide_resnet", trainable=True, wrn_width=1), 5, 16)
-        model.compile(train.create_optimizer(TrainConfig(learning_rate=1e-3)),
+        model.compile(steps.create_optimizer(TrainConfig(learning_rate=1e-3)),
                       "sparse_categorical_crossentropy", metrics=["accuracy"])
     history = model.fit(dist, steps_per_epoch=2, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])

@@ -14,7 +14,7 @@ from PIL import Image
 
 import faults
 from trainer import config as config_lib
-from trainer.data import sources
+from trainer.data import folders
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
 RUN_EXPERIMENTS = os.path.join(SCRIPTS, "run_experiments.sh")
@@ -187,7 +187,7 @@ def test_stripes_tasks_are_balanced_image_folders_with_disjoint_orientations(tmp
                       "stripes_144deg"]
     assert target == ["stripes_018deg", "stripes_054deg", "stripes_090deg", "stripes_126deg",
                       "stripes_162deg"]
-    paths, labels, class_names = sources.list_image_folder(str(tmp_path / "target"))
+    paths, labels, class_names = folders.list_image_folder(str(tmp_path / "target"))
     assert class_names == target and np.bincount(labels).tolist() == [3] * 5
     with Image.open(paths[0]) as image:
         assert image.size == (16, 16) and image.mode == "RGB"

@@ -131,13 +131,13 @@ COUNT_COMPILATIONS = """
 import sys
 import numpy as np
 import tensorflow as tf
-from trainer import checks, config as config_lib, distribute, train
+from trainer import checks, compute, config as config_lib, distribute, train
 
 config = checks.resolve(config_lib.override(config_lib.Config(), {
     "backbone": "hub", "hub_handle": sys.argv[1], "trainable": False, "image_size": 16,
     "precision": "float32", "jit_compile": "true", "workdir": "unused"}))
 strategy = tf.distribute.get_strategy()
-model = train.create_compiled_model(config, strategy, 3, train.choose_compute(config, strategy, 12))
+model = train.create_compiled_model(config, strategy, 3, compute.choose_compute(config, strategy, 12))
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, (12 * 8, 16, 16, 3)).astype(np.uint8)
 labels = rng.integers(0, 3, 12 * 8)

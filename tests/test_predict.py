@@ -17,7 +17,7 @@ from trainer import config as config_lib
 from trainer import experiments
 from trainer import predict, train
 from trainer.config import UserError
-from trainer.data import decode, sources
+from trainer.data import decode, folders
 
 from test_bad_input import MP4_VIDEO, SEF_TRAILER, jpeg_bytes
 
@@ -113,7 +113,7 @@ def test_bad_files_are_named_and_the_rest_still_predicted(classifier, photos, ba
     assert errors == {
         "empty.jpg": "empty file",
         "notes.png": "not an image (UnidentifiedImageError)",
-        "bomb.png": f"8000x8000 is more than {sources.MAX_IMAGE_PIXELS} pixels",
+        "bomb.png": f"8000x8000 is more than {folders.MAX_IMAGE_PIXELS} pixels",
         "missing.jpg": "no such file",
     }
     assert results[1]["predictions"] == results[6]["predictions"]
@@ -162,7 +162,7 @@ def test_cli_json_includes_bad_files(export_dir, photos, bad_files):
     results = json.loads(result.stdout)
     assert [r["file"] for r in results] == files
     assert results[1] == {"file": files[1],
-                          "error": f"8000x8000 is more than {sources.MAX_IMAGE_PIXELS} pixels"}
+                          "error": f"8000x8000 is more than {folders.MAX_IMAGE_PIXELS} pixels"}
     assert [len(r["predictions"]) for r in (results[0], results[2])] == [3, 3]  # capped at 3 classes
 
 

@@ -127,15 +127,21 @@ def check(config: Config) -> None:
              f"--batch_size must be a positive global batch size, got {data.global_batch_size}.")
     _require(data.synthetic_examples >= 10,
              f"--synthetic_examples must be at least 10, got {data.synthetic_examples}.")
+    _require(data.examples_per_class is None or data.examples_per_class >= 1,
+             f"--examples_per_class must be at least 1, got {data.examples_per_class}.")
     _require(train.epochs >= 1, f"--epochs must be at least 1, got {train.epochs}.")
     _require(train.early_stopping_patience >= 0,
              f"--early_stopping_patience must be 0 (off) or more, got {train.early_stopping_patience}.")
     _check_schedule(data, train)
+    _check_training_step(data, train)
     _require(train.collective_timeout_sec >= 1,
              f"--collective_timeout_sec must be at least 1, got {train.collective_timeout_sec}.")
     _require(train.steps_per_execution is None or train.steps_per_execution >= 1,
              f"--steps_per_execution must be at least 1, got {train.steps_per_execution}.")
     _check_backbone(model, data, spec)
+    _require(train.export or train.export_tflite == "none",
+             f"--export_tflite={train.export_tflite} converts the SavedModel export: it needs "
+             "--export (drop --noexport), or use --export_tflite=none.")
     if train.strategy == "tpu":
         _require(bool(train.tpu), "--strategy=tpu needs --tpu (its name, or local on a TPU VM).")
 
@@ -166,6 +172,25 @@ def _check_backbone(model: ModelConfig, data: DataConfig, spec: backbones.Spec) 
              f"--notrainable would freeze a randomly initialised backbone "
              f"(--backbone={model.backbone}{random}); train it with --trainable or start "
              "from pretrained weights.")
+
+
+def _check_training_step(data: DataConfig, train: TrainConfig) -> None:
+    _require(0.0 <= train.label_smoothing < 1.0,
+             f"--label_smoothing must be in [0, 1), got {train.label_smoothing}.")
+    _require(0.0 <= train.ema_decay < 1.0,
+             f"--ema_decay must be 0 (off) or in (0, 1), got {train.ema_decay}.")
+    steps, micro = train.gradient_accumulation_steps, train.micro_batch_size
+    _require(steps is None or micro is None,
+             f"--gradient_accumulation_steps={steps} and --micro_batch_size={micro} both set "
+             "how a replica splits its batch; give one of them.")
+    _require(micro is None or micro >= 1, f"--micro_batch_size must be at least 1, got {micro}.")
+    if steps is not None:
+        _require(steps >= 1, f"--gradient_accumulation_steps must be at least 1, got {steps}.")
+        _require(data.global_batch_size % steps == 0,
+                 f"--batch_size={data.global_batch_size} must split into "
+                 f"--gradient_accumulation_steps={steps} equal micro-batches; use a multiple "
+                 f"of {steps} as --batch_size, or a divisor of {data.global_batch_size} as "
+                 "--gradient_accumulation_steps.")
 
 
 def _check_image_sizes(data: DataConfig, train: TrainConfig) -> None:

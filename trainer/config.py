@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 JIT_COMPILE = ("auto", "true", "false")
 CACHES = ("auto", "memory", "file", "none")  # or a directory for the file cache
+TFLITE_EXPORTS = ("none", "float32", "float16", "dynamic", "int8")
 # BatchNorm momentum for statistics learned from scratch: PyTorch's default
 # (0.1 in its convention), which the Wide ResNet authors' code trains with. Keras'
 # 0.99 averages over ~100 steps, far behind the weights of a small dataset's run.
@@ -84,6 +85,10 @@ class DataConfig:
         "that runs reading the same images at the same size share, so only the first "
         "decodes them (scripts/run_experiments.sh gives its runs one).")
     synthetic_examples: int = setting(1000, "Images in --dataset=synthetic.")
+    examples_per_class: int | None = setting(
+        None, "Few-shot: train on this many examples of each class, chosen from the training "
+        "split by --seed (validation untouched; BiT-HyperRule's length follows the smaller "
+        "size). Default: every training example.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +141,23 @@ class TrainConfig:
     total_steps: int | None = setting(
         None, "--schedule=bit_hyperrule: optimizer steps of the run (the warm-up and decays "
         "scale with it). Default: the rule's 500, 10,000 or 20,000 by the training-set size.")
+    label_smoothing: float = setting(
+        0.0, "Label smoothing s of the cross-entropy: the true class's target is 1 - s + s/K, "
+        "each other class's s/K (K classes); 0 turns it off.")
+    ema_decay: float = setting(
+        0.0, "Exponential moving average of the trained weights, decay per optimizer step "
+        "(warmed up as min(decay, (1+t)/(10+t)) after t steps); validation, the best "
+        "checkpoint and the exports use the averaged weights. 0 turns it off; 0.999 is usual.")
+    gradient_accumulation_steps: int | None = setting(
+        None, "Micro-batches each replica splits its share of --batch_size into, computed one "
+        "after the other; their mean gradient is applied once, so --batch_size stays the "
+        "batch of one optimizer step, in less memory. Default: 1, or as --micro_batch_size "
+        "makes it.")
+    micro_batch_size: int | None = setting(
+        None, "Most images a replica computes in one forward and backward pass: sets "
+        "--gradient_accumulation_steps to the fewest micro-batches of at most this size that "
+        "split the replica's batch evenly (so it adapts to the number of replicas). Default: "
+        "the whole batch.")
     precision: str = setting(
         "auto", "Keras mixed-precision policy; auto: mixed_bfloat16 on TPUs and CPUs with "
         "bfloat16 units, mixed_float16 on NVIDIA GPUs of compute capability 7.0+, else "
@@ -156,6 +178,11 @@ class TrainConfig:
     export_backbone: bool = setting(
         False, "Also write the trained backbone as a TF Hub feature-vector SavedModel "
         "(workdir/export_backbone).")
+    export_tflite: str = setting(
+        "none", "Also write workdir/export/model.tflite, converted from the SavedModel: float32, "
+        "float16 (weights), dynamic (int8 weights) or int8 (weights and activations, "
+        "calibrated on training images); it is evaluated on the validation split "
+        "(tflite_val_accuracy in summary.json).", choices=TFLITE_EXPORTS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,9 +5,10 @@ Every automatic choice (strategy, precision, XLA) is logged with its reason.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import tensorflow as tf
 import tf_keras as keras
@@ -251,3 +252,36 @@ def choose_steps_per_execution(config: TrainConfig, strategy: tf.distribute.Stra
         return steps, (f"a TPU waits for its host between calls; {TPU_STEPS_PER_EXECUTION} steps "
                        "per call, or an epoch's if fewer")
     return 1, "CPUs and GPUs gain little from more; one step per call keeps per-step callbacks exact"
+
+
+def per_replica_batch_size(global_batch_size: int, strategy: tf.distribute.Strategy) -> int:
+    """Returns the batch each replica computes: the global batch split evenly.
+
+    Raises:
+      UserError: the global batch does not divide over the replicas; names --batch_size.
+    """
+    replicas = strategy.num_replicas_in_sync
+    if global_batch_size % replicas:
+        raise UserError(f"--batch_size={global_batch_size} must divide evenly over the "
+                        f"{replicas} replicas; use a multiple of {replicas}.")
+    return global_batch_size // replicas
+
+
+class PeerLost(Exception):
+    """A multi-worker peer stopped answering; restarting all workers resumes the run."""
+
+
+@contextlib.contextmanager
+def lost_peer_is_an_error(strategy: tf.distribute.Strategy) -> Iterator[None]:
+    """Under MultiWorkerMirroredStrategy, turns a collective that timed out or lost its
+    peer into PeerLost, which says what to do (TensorFlow has logged the details)."""
+    try:
+        yield
+    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError,
+            tf.errors.CancelledError, tf.errors.AbortedError) as e:
+        if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            raise
+        raise PeerLost(
+            f"A peer worker stopped answering ({type(e).__name__}; see TensorFlow's messages "
+            "above). Restart all workers with the same command: they resume from the last "
+            "completed epoch.") from None

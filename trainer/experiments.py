@@ -49,11 +49,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "learning_rate": 1e-5,
     },
     # BiT's own fine-tuning recipe (SCHEDULE_DEFAULTS, trainer/schedules.py) on
-    # tf_flowers. The authors' batch of 512 at 480 px needs TPU-pod memory; 64
-    # is meant for about 24 GB of accelerator memory, and the rate scales with it.
+    # tf_flowers, at the authors' batch of 512 (so their rate, 0.003). Each replica
+    # computes its share in micro-batches of at most 16 images: at 480 px one image
+    # of R50x1 takes about 370 MB in a training step (measured, docs/recipes.md), so
+    # 16 fit a 16 GB GPU in any precision; one GPU accumulates 32 of them.
     "bit_hyperrule": {
         "dataset": "tf_flowers", "backbone": "bit", "bit_variant": "m-r50x1",
-        "trainable": True, "schedule": "bit_hyperrule", "global_batch_size": 64,
+        "trainable": True, "schedule": "bit_hyperrule", "global_batch_size": 512,
+        "micro_batch_size": 16,
     },
 }
 
@@ -68,6 +71,12 @@ SCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
         "image_size": None, "mixup_alpha": None, "epochs": 10,
     },
 }
+
+
+# Fields that set one thing two ways (how a replica splits its batch): given on the
+# command line, one replaces what the preset gave the other.
+ALTERNATIVES = {"gradient_accumulation_steps": "micro_batch_size",
+                "micro_batch_size": "gradient_accumulation_steps"}
 
 
 def preset(name: str | None) -> Config:
@@ -90,13 +99,16 @@ def configure(experiment: str | None, values: Mapping[str, Any]) -> Config:
     """The preset `experiment` (or the defaults), then `values` (fields or flag names).
 
     Between the two come the chosen schedule's defaults (SCHEDULE_DEFAULTS) for
-    every field neither the preset nor `values` sets.
+    every field neither the preset nor `values` sets. A field of `values` in
+    ALTERNATIVES clears the preset's value of its alternative.
 
     Raises:
       UserError: an unknown preset or field.
     """
     base = preset(experiment)
     explicit = {field_name(name) for name in values}
+    base = override(base, {ALTERNATIVES[name]: None for name in explicit
+                           if name in ALTERNATIVES and ALTERNATIVES[name] not in explicit})
     explicit |= set(PRESETS.get(experiment or "", {}))
     schedule = values.get("schedule", base.train.schedule)
     defaults = {name: value for name, value in SCHEDULE_DEFAULTS.get(schedule, {}).items()

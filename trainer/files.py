@@ -109,10 +109,11 @@ def temporary_name(path: str, kind: str = "tmp") -> str:
     return f"{path}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Writes a file under a temporary name, then renames it: readers see old or new, never half."""
+def write_atomically(path: str, text: str | bytes) -> None:
+    """Writes a file (text or bytes) under a temporary name, then renames it: readers see
+    old or new, never half."""
     temporary = temporary_name(path)
-    with open(temporary, "x") as f:
+    with open(temporary, "xb" if isinstance(text, bytes) else "x") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # until closed: see writer_alive
         f.write(text)
         f.flush()

@@ -22,7 +22,7 @@ from absl import app, flags, logging  # noqa: E402  after the SIGTERM handler
 # importing it makes them valid here (never redefine them).
 import tensorflow_hub  # noqa: E402,F401  pylint: disable=unused-import
 
-from trainer import cli, experiments, train  # noqa: E402
+from trainer import cli, distribute, experiments, train  # noqa: E402
 from trainer import checks
 from trainer import config as config_lib  # noqa: E402
 from trainer.cli import fail, parse_flags  # noqa: E402
@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
         fail(str(e))
     except TrainingError as e:
         fail(str(e), EXIT_TRAINING_FAILED)
-    except train.PeerLost as e:
+    except distribute.PeerLost as e:
         fail(str(e), EXIT_PEER_LOST)
     except Preempted as e:
         fail(str(e), EXIT_PREEMPTED)

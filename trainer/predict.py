@@ -2,10 +2,12 @@
 
   python -m trainer.predict --model=runs/flowers/bit_finetune/export photo1.jpg photos/
   python -m trainer.predict --model=runs/x/export --top_k=1 --json photos/
+  python -m trainer.predict --model=runs/x/export/model.tflite photos/
 
-Reads the serving SavedModel and labels.txt that a run writes to workdir/export.
+Reads the serving SavedModel and labels.txt that a run writes to workdir/export,
+or the TFLite model beside them (--export_tflite) with the same labels.txt.
 Files go through training's own checks and decoder: the header check
-(trainer.data.sources.check_image_file: empty files, non-images, unsupported formats,
+(trainer.data.folders.check_image_file: empty files, non-images, unsupported formats,
 decompression bombs), then TensorFlow's decoder (trainer.data.decode.decode_image),
 which judges the rest (data after a JPEG's end is fine, a cut file is not). A
 bad file is reported by name and the others are still predicted. Exit code 1
@@ -24,10 +26,11 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+from trainer import tflite
 from trainer.cli import fail, parse_flags
 from trainer.config import UserError
 from trainer.data.decode import decode_image
-from trainer.data.sources import IMAGE_EXTENSIONS, check_image_file
+from trainer.data.folders import IMAGE_EXTENSIONS, check_image_file
 from trainer.export import LABELS_FILE
 
 BATCH_SIZE = 32  # images per call of the model
@@ -43,19 +46,44 @@ class Classifier:
     image_size: int  # pixels, square
 
 
+def read_labels(model_dir: str) -> tuple[str, ...]:
+    """The class names of an export, one per line of its labels.txt."""
+    with open(os.path.join(model_dir, LABELS_FILE)) as f:
+        return tuple(line.strip() for line in f if line.strip())
+
+
+def load_tflite_classifier(path: str) -> Classifier:
+    """Loads workdir/export/model.tflite with the labels.txt beside it.
+
+    Raises:
+      UserError: the file is not a TFLite classifier of this trainer, or has no labels.
+    """
+    model_dir = os.path.dirname(path)
+    if not os.path.isfile(os.path.join(model_dir, LABELS_FILE)):
+        raise UserError(f"--model={path} has no {LABELS_FILE} beside it; pass the "
+                        f"{tflite.TFLITE_FILE} of a run's export directory, <workdir>/export.")
+    model, labels = tflite.load(path), read_labels(model_dir)
+    if model.num_classes != len(labels):
+        raise UserError(f"--model={path} gives {model.num_classes} class probabilities, but "
+                        f"{LABELS_FILE} beside it has {len(labels)} lines; export it with "
+                        "this trainer.")
+    return Classifier(model.predict, labels, model.image_size)
+
+
 def load_classifier(model_dir: str) -> Classifier:
-    """Loads workdir/export (serving_default signature and labels.txt).
+    """Loads workdir/export (serving_default signature and labels.txt), or a .tflite file.
 
     Raises:
       UserError: the directory is not an export of this trainer.
     """
+    if model_dir.endswith(".tflite"):
+        return load_tflite_classifier(model_dir)
     labels_path = os.path.join(model_dir, LABELS_FILE)
     if not os.path.isfile(os.path.join(model_dir, "saved_model.pb")) or \
             not os.path.isfile(labels_path):
         raise UserError(f"--model={model_dir} is not an exported model (it needs saved_model.pb "
                         f"and {LABELS_FILE}); pass a run's export directory, <workdir>/export.")
-    with open(labels_path) as f:
-        labels = tuple(line.strip() for line in f if line.strip())
+    labels = read_labels(model_dir)
     try:
         serving = tf.saved_model.load(model_dir).signatures.get("serving_default")
     except Exception as e:  # TensorFlow raises many types for a damaged SavedModel
@@ -149,14 +177,15 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """Defines the command's flags. Only `run` calls it, so importing this module
     defines none that could clash with another command's."""
-    flags.DEFINE_string("model", None, "A run's export directory (workdir/export).")
+    flags.DEFINE_string("model", None, "A run's export directory (workdir/export), or the "
+                        "model.tflite in it.")
     flags.DEFINE_integer("top_k", 3, "Classes shown per image.", lower_bound=1)
     flags.DEFINE_bool("json", False, "Write one JSON list of results to stdout instead of text.")
 
 
 def main(argv: list[str]) -> None:
     if not FLAGS.model:
-        fail("--model is required: a run's export directory (workdir/export).")
+        fail("--model is required: a run's export directory (workdir/export) or its model.tflite.")
     files = list_images(argv[1:])
     if not files:
         fail("give image files or directories of images (JPEG, PNG, GIF, BMP) to predict.")

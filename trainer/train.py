@@ -6,14 +6,13 @@ workdir resumes an interrupted run and leaves a finished one alone.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import math
 import os
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
@@ -21,45 +20,16 @@ from absl import logging
 
 from trainer import callbacks as callbacks_lib
 from trainer import checks
+from trainer import compute as compute_lib
 from trainer import config as config_lib
-from trainer import backbones, distribute, export, hparams, models, preflight, schedules, sigterm
+from trainer import (backbones, distribute, export, hparams, models, preflight, schedules, sigterm,
+                     tflite)
+from trainer import steps as steps_lib
 from trainer import workdir as workdir_lib
 from trainer.config import Config, UserError
 from trainer.data import cache, pipeline, sources
 
 PREVIEW_IMAGES = 8  # input images shown in TensorBoard
-
-
-class PeerLost(Exception):
-    """A multi-worker peer stopped answering; restarting all workers resumes the run."""
-
-
-@contextlib.contextmanager
-def lost_peer_is_an_error(strategy: tf.distribute.Strategy) -> Iterator[None]:
-    """Under MultiWorkerMirroredStrategy, turns a collective that timed out or lost its
-    peer into PeerLost, which says what to do (TensorFlow has logged the details)."""
-    try:
-        yield
-    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError,
-            tf.errors.CancelledError, tf.errors.AbortedError) as e:
-        if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            raise
-        raise PeerLost(
-            f"A peer worker stopped answering ({type(e).__name__}; see TensorFlow's messages "
-            "above). Restart all workers with the same command: they resume from the last "
-            "completed epoch.") from None
-
-
-def create_optimizer(
-    config: config_lib.TrainConfig,
-    learning_rate: keras.optimizers.schedules.LearningRateSchedule | None = None,
-) -> keras.optimizers.Optimizer:
-    """Adam, or SGD with momentum 0.9 (no weight decay), at `learning_rate` (a schedule)
-    or else the configured constant rate."""
-    rate = config.learning_rate if learning_rate is None else learning_rate
-    if config.optimizer == "sgd":
-        return keras.optimizers.SGD(rate, momentum=0.9)
-    return keras.optimizers.Adam(rate)
 
 
 def _flag_values(values: dict[str, Any]) -> str:
@@ -146,60 +116,13 @@ def weights_fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()[:16]
 
 
-def per_replica_batch_size(global_batch_size: int, strategy: tf.distribute.Strategy) -> int:
-    """Returns the batch each replica computes: the global batch split evenly.
-
-    Raises:
-      UserError: the global batch does not divide over the replicas; names --batch_size.
-    """
-    replicas = strategy.num_replicas_in_sync
-    if global_batch_size % replicas:
-        raise UserError(f"--batch_size={global_batch_size} must divide evenly over the "
-                        f"{replicas} replicas; use a multiple of {replicas}.")
-    return global_batch_size // replicas
-
-
 def distributed_dataset(source: sources.DataSource, split: str, strategy: tf.distribute.Strategy,
                         global_batch_size: int) -> tf.distribute.DistributedDataset:
     """Returns the input of `split` as fit reads it: one pipeline per worker, each told its
     shard by the strategy, batched per replica."""
-    batch_size = per_replica_batch_size(global_batch_size, strategy)
+    batch_size = distribute.per_replica_batch_size(global_batch_size, strategy)
     return strategy.distribute_datasets_from_function(
         lambda ctx: pipeline.create_dataset(source, split, batch_size, ctx))
-
-
-@dataclasses.dataclass(frozen=True)
-class Compute:
-    """How the model computes on this hardware, each choice with its reason."""
-
-    precision: str  # Keras mixed-precision policy
-    precision_reason: str
-    backbone_follows_policy: bool  # False: a TF Hub SavedModel keeps its float32
-    jit_compile: bool  # XLA
-    jit_compile_reason: str
-    steps_per_execution: int  # training steps per compiled call
-    steps_per_execution_reason: str
-
-    @property
-    def computes_in(self) -> dict[str, Any]:
-        """What backbone and head compute in, and loss scaling: the words of the log,
-        summary.json, the HParams and compare's report."""
-        return distribute.describe_precision(self.precision, self.backbone_follows_policy)
-
-
-def choose_compute(config: Config, strategy: tf.distribute.Strategy,
-                   steps_per_epoch: int) -> Compute:
-    """Resolves precision, XLA and steps per execution (`auto` and unset: by hardware)."""
-    # TF Hub SavedModels keep their saved dtypes: no mixed policy reaches inside.
-    saved_model = backbones.spec(config.model.backbone).saved_model
-    precision, precision_reason = distribute.choose_precision(
-        config.train, strategy, backbone_follows_policy=not saved_model)
-    jit_compile, jit_compile_reason = distribute.choose_jit_compile(
-        config.train, strategy, trainable_saved_model=saved_model and config.model.trainable)
-    steps, steps_reason = distribute.choose_steps_per_execution(config.train, strategy,
-                                                                steps_per_epoch)
-    return Compute(precision, precision_reason, not saved_model, jit_compile,
-                   jit_compile_reason, steps, steps_reason)
 
 
 def prepare_data(config: Config, cache_dir: str | None = None, input_pipelines: int = 1,
@@ -224,21 +147,25 @@ def prepare_data(config: Config, cache_dir: str | None = None, input_pipelines: 
 
 
 def create_compiled_model(
-    config: Config, strategy: tf.distribute.Strategy, num_classes: int, compute: Compute,
+    config: Config, strategy: tf.distribute.Strategy, num_classes: int,
+    compute: compute_lib.Compute,
     learning_rate: keras.optimizers.schedules.LearningRateSchedule | None = None,
 ) -> keras.Model:
-    """Sets the precision policy of `compute`, then builds the model, optimizer and metrics
-    inside the strategy's scope and compiles them with its XLA and steps per execution.
+    """Sets the precision policy of `compute`, then builds the model (trainer/steps.py),
+    optimizer and metrics inside the strategy's scope and compiles them with its XLA and
+    steps per execution.
 
     With MixUp the labels are one-hot or soft, and the loss takes them as such;
     without, the integer labels go to the sparse loss as they come.
     """
-    loss = ("categorical_crossentropy" if config.data.mixup_alpha
-            else "sparse_categorical_crossentropy")
+    loss = steps_lib.create_loss(bool(config.data.mixup_alpha), config.train.label_smoothing)
     distribute.set_precision(compute.precision)
     with strategy.scope():
-        model = models.create_model(config.model, num_classes, config.data.image_size)
-        model.compile(optimizer=create_optimizer(config.train, learning_rate),
+        network = models.create_model(config.model, num_classes, config.data.image_size)
+        model = steps_lib.TrainingModel(
+            network.inputs, network.outputs, name=network.name,
+            accumulation_steps=compute.accumulation_steps, ema_decay=config.train.ema_decay)
+        model.compile(optimizer=steps_lib.create_optimizer(config.train, learning_rate),
                       loss=loss, metrics=["accuracy"],
                       steps_per_execution=compute.steps_per_execution,
                       jit_compile=compute.jit_compile)
@@ -253,7 +180,7 @@ class Setup:
     source: sources.DataSource  # its cache decided
     steps_per_epoch: int
     schedule: schedules.HyperRuleSchedule | None  # None: the constant rate
-    compute: Compute
+    compute: compute_lib.Compute
     train_data: tf.distribute.DistributedDataset | tf.data.Dataset
     val_data: tf.distribute.DistributedDataset | tf.data.Dataset
     model: keras.Model  # compiled, in the strategy's scope
@@ -278,12 +205,13 @@ def setup(config: Config, strategy: tf.distribute.Strategy,
         config, cache_dir=cache_dir, input_pipelines=distribute.num_workers(strategy))
     logging.info("Data: %d classes, %d training and %d validation examples, %d steps per epoch.",
                  source.num_classes, source.sizes["train"], source.sizes["val"], steps_per_epoch)
-    compute = choose_compute(config, strategy, steps_per_epoch)
+    compute = compute_lib.choose_compute(config, strategy, steps_per_epoch)
     global_batch_size = config.data.global_batch_size
-    logging.info("Strategy %s with %d replicas (batch %d each). Precision %s: %s. "
-                 "jit_compile %s: %s. %d steps per execution: %s.",
+    logging.info("Strategy %s with %d replicas (batch %d each, in %d micro-batches: %s). "
+                 "Precision %s: %s. jit_compile %s: %s. %d steps per execution: %s.",
                  type(strategy).__name__.lstrip("_"), strategy.num_replicas_in_sync,
-                 per_replica_batch_size(global_batch_size, strategy),
+                 distribute.per_replica_batch_size(global_batch_size, strategy),
+                 compute.accumulation_steps, compute.accumulation_reason,
                  distribute.precision_words(compute.computes_in), compute.precision_reason,
                  compute.jit_compile, compute.jit_compile_reason,
                  compute.steps_per_execution, compute.steps_per_execution_reason)
@@ -332,7 +260,7 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
 
     replicas = strategy.num_replicas_in_sync
     global_batch_size = config.data.global_batch_size
-    per_replica_batch = per_replica_batch_size(global_batch_size, strategy)
+    per_replica_batch = distribute.per_replica_batch_size(global_batch_size, strategy)
     strategy_name = type(strategy).__name__.lstrip("_")
     keras.utils.set_random_seed(config.seed)
 
@@ -370,11 +298,11 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
         logging.info("Early stopping ended this run after epoch %d; finishing it.",
                      history[-1]["epoch"])
     else:
-        with callbacks_lib.StopOnSigterm() as stop_on_sigterm, lost_peer_is_an_error(strategy):
+        with callbacks_lib.StopOnSigterm() as stop_on_sigterm, distribute.lost_peer_is_an_error(strategy):
             model.fit(train_ds, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
                       validation_data=val_ds, validation_steps=validation_steps,
                       verbose=1 if sys.stdout.isatty() else 2,
-                      callbacks=[stop_on_sigterm, *callbacks])
+                      callbacks=[stop_on_sigterm, steps_lib.AveragesForValidation(), *callbacks])
 
     sigterm.stop_if_received("training")  # the signal came after the last step
     # SIGTERM from here on: what is being written is finished, then the run stops
@@ -385,19 +313,22 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
         best = workdir_lib.load_best_weights(model, workdir)
         logging.info("Evaluating and exporting the weights of epoch %d, the best (%s %.4f).",
                      best["epoch"], workdir_lib.MONITOR, best[workdir_lib.MONITOR])
-        with lost_peer_is_an_error(strategy):
+        model.use_averages()  # with --ema_decay: what validation saw
+        with distribute.lost_peer_is_an_error(strategy):
             _, final_val_accuracy = model.evaluate(val_ds, steps=validation_steps, verbose=0)
         # Equal on every worker when replicas stayed in sync: compare across worker logs.
         logging.info("Final weights fingerprint: %s", weights_fingerprint(model))
         if config.train.export:
             sigterm.stop_if_received("training and the final evaluation")
-            export.export_model(model, source.class_names, workdir, chief)
+            export.export_model(steps_lib.plain_model(model), source.class_names, workdir, chief)
         if config.train.export_backbone:
             sigterm.stop_if_received("writing export/")
             export.export_backbone(model, config.data.image_size, workdir, chief)
         sigterm.stop_if_received("writing the exports")
         if not chief:
             return {}
+        tflite_val_accuracy = tflite.export_and_evaluate(
+            config, model, source, os.path.join(workdir, export.EXPORT_DIR))
         history = workdir_lib.read_history(os.path.join(workdir, workdir_lib.HISTORY_FILE))
         summary = workdir_lib.summarize(
             history, float(final_val_accuracy), num_replicas=replicas, **compute.computes_in,
@@ -405,6 +336,8 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
             global_batch_size=global_batch_size, num_classes=source.num_classes,
             train_examples=num_train, val_examples=source.sizes["val"],
             steps_per_epoch=steps_per_epoch, optimizer_steps=optimizer_steps,
+            gradient_accumulation_steps=compute.accumulation_steps,
+            tflite_val_accuracy=tflite_val_accuracy,
             image_size=config.data.image_size, resize_size=config.data.resize_size,
             mixup_alpha=config.data.mixup_alpha, learning_rate=config.train.learning_rate,
             last_process_sec=time.time() - started)

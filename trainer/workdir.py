@@ -85,7 +85,12 @@ ATTEMPT_SETTINGS = frozenset({
     "precision",  # variables stay float32; a run preempted on a TPU can resume on GPUs
     "strategy", "tpu",  # the global batch is compared, not how it is spread over replicas
     "collective_timeout_sec", "steps_per_execution", "jit_compile",  # how fast
-    "export", "export_backbone",  # what is written at the end
+    # How a replica's share of the global batch is split into micro-batches, as the
+    # strategy splits it over replicas: a run preempted on a large GPU can resume on a
+    # smaller one. BatchNorm layers in training mode see micro-batch statistics, as they
+    # see per-replica ones (docs/recipes.md); GroupNorm and frozen statistics are unchanged.
+    "gradient_accumulation_steps", "micro_batch_size",
+    "export", "export_backbone", "export_tflite",  # what is written at the end
 })
 
 

@@ -28,7 +28,7 @@ from trainer.bench import report as report_lib
 from trainer.bench import scenarios as scenarios_lib
 from trainer.bench import timing
 from trainer.config import Config, UserError
-from trainer.data import pipeline, sources
+from trainer.data import folders, pipeline
 
 BENCH_FILE = "bench.json"
 
@@ -126,7 +126,7 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
             logging.info("Scenario %s: writing or linking %d images.", scenario.name,
                          scenario.train_images + 1)
             folder = scenarios_lib.prepare(scenario, given.data.image_dir, workdir, given.seed)
-            paths, _, _ = sources.list_image_folder(folder)
+            paths, _, _ = folders.list_image_folder(folder)
             files[scenario.name] = {"files": len(paths),
                                     "mean_file_bytes": scenarios_lib.read_files(paths) / len(paths)}
             configs[scenario.name] = trainer_config(settings, scenario, folder, len(paths))
@@ -163,7 +163,7 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
 
         logging.info("Epoch time for %d and %d training images.",
                      settings.epoch_images, 2 * settings.epoch_images)
-        paths, _, _ = sources.list_image_folder(config.data.image_dir)
+        paths, _, _ = folders.list_image_folder(config.data.image_dir)
         report["epochs"] = timing.time_epochs(
             trainer, config, paths, (settings.epoch_images, 2 * settings.epoch_images), workdir)
 

@@ -18,12 +18,13 @@ import tensorflow as tf
 import tf_keras as keras
 
 from trainer import backbones, distribute
+from trainer import compute as compute_lib
 from trainer import train as train_lib
 from trainer.config import Config
 from trainer.data import decode
 
 # The recipe's compute settings, for the sides built from the trainer's own model.
-REFERENCE_COMPUTE = train_lib.Compute(
+REFERENCE_COMPUTE = compute_lib.Compute(
     precision="float32", precision_reason="the reference recipe's", backbone_follows_policy=True,
     jit_compile=False, jit_compile_reason="the reference recipe's",
     steps_per_execution=1, steps_per_execution_reason="the reference recipe's")

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from trainer.config import UserError
-from trainer.data import sources
+from trainer.data import folders
 
 GENERATED_CLASSES = 5  # as tf_flowers
 NOISE_GREY_LEVELS = 8.0  # standard deviation of the sensor-like noise
@@ -117,7 +117,7 @@ def write_photos(directory: str, scenario: Scenario, seed: int) -> None:
 def link_subset(paths: list[str], directory: str, count: int) -> str:
     """Makes an image folder of `count` of `paths` (symlinks), spread evenly over them.
 
-    `paths` are grouped by class (as sources.list_image_folder returns them), so
+    `paths` are grouped by class (as folders.list_image_folder returns them), so
     every class keeps its share.
     """
     for index in np.linspace(0, len(paths) - 1, count).round().astype(int):
@@ -133,7 +133,7 @@ def prepare(scenario: Scenario, image_dir: str | None, workdir: str, seed: int) 
     --image_dir of `train_images` + 1 images (fewer if it has fewer)."""
     folder = os.path.join(workdir, scenario.name)
     if scenario.name == IMAGE_DIR_SCENARIO:
-        paths, _, _ = sources.list_image_folder(image_dir)
+        paths, _, _ = folders.list_image_folder(image_dir)
         return link_subset(paths, folder, min(scenario.train_images + 1, len(paths)))
     write_photos(folder, scenario, seed)
     return folder

@@ -22,6 +22,7 @@ import tensorflow as tf
 import tf_keras as keras
 from absl import logging
 
+from trainer import compute as compute_lib
 from trainer import config as config_lib
 from trainer import distribute
 from trainer import train as train_lib
@@ -170,7 +171,7 @@ class Side:
     name: str  # reference, trainer or trainer_matched
     model: keras.Model
     dataset: tf.data.Dataset | tf.distribute.DistributedDataset
-    compute: train_lib.Compute
+    compute: compute_lib.Compute
     strategy: str  # class name
     replicas: int
     images_per_call: int  # global batch x steps per execution

@@ -5,6 +5,10 @@ One module per stage, in the order an example meets them:
 - `sources`: what a dataset is (`DataSource`: classes, train/val split sizes,
   example makers, names of examples) and where it comes from (an image folder,
   TFDS, synthetic stripes); `create_data_source`.
+- `folders`: image folders on disk: which files are usable images (from their
+  headers alone), their classes, each JPEG's size.
+- `few_shot`: the training examples --examples_per_class keeps (K per class, by
+  seed), drawn by `sources` from the training split.
 - `decode`: encoded bytes -> uint8 images at the size they are stored at
   (JPEGs decoded to size, at the DCT scale of the header the folder listing
   read); undecodable files left out and named (`DecodeSkips`).

@@ -143,7 +143,7 @@ def decode_examples(ds: tf.data.Dataset, image_size: int, encoded: bool,
             return ds
         return ds.map(lambda image, label: (resize(image, image_size), label),
                       num_parallel_calls=tf.data.AUTOTUNE)
-    # The header checks of sources.list_image_folder keep decompression bombs and
+    # The header checks of folders.list_image_folder keep decompression bombs and
     # non-images out; TensorFlow's decoder judges the rest (phone photos with
     # data after the JPEG, cut files). Its error is logged per file.
     if skips is None:

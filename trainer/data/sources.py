@@ -24,16 +24,10 @@ from PIL import Image
 
 from trainer import preflight
 from trainer.config import DataConfig, UserError
+from trainer.data import folders
 from trainer.data.cache import CachePlan, fingerprint
-from trainer.data.decode import LOGGED_NAMES
+from trainer.data.few_shot import few_shot
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-# Formats TensorFlow's decode_image reads (MPO: multi-picture JPEG from cameras).
-DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP")
-JPEG_FORMATS = ("JPEG", "MPO")  # what TensorFlow's JPEG decoder reads, at a DCT scale
-# Decompression-bomb cap: a header announcing more pixels than this is skipped
-# before anything is decoded (about 7,000 x 7,000).
-MAX_IMAGE_PIXELS = 50_000_000
 SYNTHETIC_CLASSES = 5
 SYNTHETIC_IMAGE_SIZE = 224  # pixels: synthetic images when --image_size is left to a rule
 SIZE_SAMPLE = 100  # training images whose headers give the dataset's typical size
@@ -105,7 +99,7 @@ def needs(config: DataConfig) -> list[preflight.Need]:
     --image_dir; the TFDS dataset prepared in --data_dir, or its download when it is
     prepared nowhere. Reads directory listings only; fetches nothing."""
     if config.image_dir:
-        problem = image_folder_problem(config.image_dir)
+        problem = folders.image_folder_problem(config.image_dir)
         return [preflight.LocalProblem("--image_dir", problem)] if problem else []
     if config.dataset == "synthetic":
         return []
@@ -151,140 +145,22 @@ def split_sizes(num_examples: int, val_fraction: float, what: str) -> tuple[int,
     return num_train, num_val
 
 
-def check_image_file(path: str) -> str | None:
-    """Returns why the file cannot be an image TensorFlow reads safely, or None.
-
-    Reads only the header: empty files, non-images, formats TensorFlow does not
-    decode and decompression bombs are caught without decoding anything.
-    Whether the rest of the file decodes is TensorFlow's decoder's call (data
-    after a JPEG's end, as phones append, is fine; see decode.decode_examples).
-    """
-    return read_image_header(path)[0]
-
-
-def read_image_header(path: str) -> tuple[str | None, tuple[int, int]]:
-    """Returns (why the file cannot be used or None, as check_image_file says; (height,
-    width) when it is a JPEG, else (0, 0)), from the header alone."""
-    no_size = (0, 0)
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty file", no_size
-        with Image.open(path) as image:
-            kind, (width, height) = image.format, image.size
-    except Image.DecompressionBombError:
-        return f"more than {MAX_IMAGE_PIXELS} pixels", no_size
-    except Exception as e:  # PIL raises many types for unreadable files
-        return f"not an image ({type(e).__name__})", no_size
-    if kind not in DECODABLE_FORMATS:
-        return f"{kind} format is not supported", no_size
-    if width * height > MAX_IMAGE_PIXELS:
-        return f"{width}x{height} is more than {MAX_IMAGE_PIXELS} pixels", no_size
-    return None, ((height, width) if kind in JPEG_FORMATS else no_size)
-
-
-def _class_folders(image_dir: str) -> list[str]:
-    return [name for name in sorted(os.listdir(image_dir))
-            if not name.startswith(".") and os.path.isdir(os.path.join(image_dir, name))]
-
-
-def image_folder_problem(image_dir: str) -> str | None:
-    """Why --image_dir cannot be an image folder (not a directory, fewer than 2 class
-    sub-folders), from its listing alone; None when it may be."""
-    if not os.path.isdir(image_dir):
-        return f"--image_dir={image_dir} is not a directory."
-    try:
-        found = _class_folders(image_dir)
-    except OSError as e:
-        return f"--image_dir={image_dir} cannot be read ({e.strerror})."
-    if len(found) < 2:
-        return (f"--image_dir={image_dir} must hold at least 2 class sub-folders with images "
-                f"({IMAGE_EXTENSIONS}); found {len(found)}: {found}.")
-    return None
-
-
-def list_image_folder(image_dir: str) -> tuple[list[str], list[int], list[str]]:
-    """Lists usable images under one sub-folder per class, sorted.
-
-    Returns:
-      (paths, labels, class_names) of `scan_image_folder`.
-    """
-    folder = scan_image_folder(image_dir)
-    return folder.paths, folder.labels, folder.class_names
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageFolder:
-    """The usable images of a folder with one sub-folder per class, as its listing read them."""
-
-    paths: list[str]
-    labels: list[int]
-    class_names: list[str]
-    # int32 [images, 2]: (height, width) of each JPEG from its header, (0, 0) for
-    # other formats: the DCT scale to decode each at, known before decoding.
-    jpeg_shapes: np.ndarray
-
-
-def scan_image_folder(image_dir: str) -> ImageFolder:
-    """Lists usable images under one sub-folder per class, sorted, reading each header once.
-
-    Hidden files, other extensions and files that fail `check_image_file` are
-    left out; the latter with a count in the log.
-
-    Raises:
-      UserError: not a directory, or fewer than 2 classes with images; names --image_dir.
-    """
-    problem = image_folder_problem(image_dir)
-    if problem:
-        raise UserError(problem)
-    class_names, paths, labels, shapes, skipped = [], [], [], [], []
-    for name in _class_folders(image_dir):
-        class_dir = os.path.join(image_dir, name)
-        files = [
-            os.path.join(class_dir, f)
-            for f in sorted(os.listdir(class_dir))
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-        ]
-        good, good_shapes = [], []
-        for path in files:
-            reason, shape = read_image_header(path)
-            if reason:
-                skipped.append((path, reason))
-            else:
-                good.append(path)
-                good_shapes.append(shape)
-        if not good:
-            logging.warning("Class folder %s has no usable images; it is left out.", class_dir)
-            continue
-        paths += good
-        shapes += good_shapes
-        labels += [len(class_names)] * len(good)
-        class_names.append(name)
-    if skipped:
-        logging.warning(
-            "Skipped %d of %d image files that cannot be read; first ones: %s",
-            len(skipped), len(skipped) + len(paths),
-            "; ".join(f"{p} ({r})" for p, r in skipped[:LOGGED_NAMES]),
-        )
-    if len(class_names) < 2:
-        raise UserError(
-            f"--image_dir={image_dir} must hold at least 2 class sub-folders with images "
-            f"({IMAGE_EXTENSIONS}); found {len(class_names)}: {class_names}."
-        )
-    return ImageFolder(paths, labels, class_names, np.array(shapes, np.int32).reshape(-1, 2))
-
-
 def _image_folder_source(config: DataConfig, seed: int) -> DataSource:
-    folder = scan_image_folder(config.image_dir)
+    folder = folders.scan_image_folder(config.image_dir)
     paths, labels, class_names = folder.paths, folder.labels, folder.class_names
     num_train, num_val = split_sizes(len(paths), config.val_fraction, f"--image_dir={config.image_dir}")
     order = np.random.default_rng(seed).permutation(len(paths))
     paths_arr, labels_arr = np.array(paths)[order], np.array(labels, np.int64)[order]
     shapes_arr = folder.jpeg_shapes[order]
+    # Positions in the shuffled listing of each split's examples (few-shot: a subset).
+    chosen = {"train": few_shot(labels_arr[:num_train], config.examples_per_class, seed,
+                                class_names),
+              "val": np.arange(num_train, len(paths))}
 
-    def examples_at(start: int, stop: int) -> Callable[[np.ndarray | slice], tf.data.Dataset]:
+    def examples_at(indices: np.ndarray) -> Callable[[np.ndarray | slice], tf.data.Dataset]:
         def make(positions: np.ndarray | slice) -> tf.data.Dataset:
-            files = tf.data.Dataset.from_tensor_slices((paths_arr[start:stop][positions],
-                                                        labels_arr[start:stop][positions]))
+            files = tf.data.Dataset.from_tensor_slices((paths_arr[indices][positions],
+                                                        labels_arr[indices][positions]))
             return files.map(lambda path, label: (tf.io.read_file(path), label),
                              num_parallel_calls=tf.data.AUTOTUNE)
         return make
@@ -293,18 +169,17 @@ def _image_folder_source(config: DataConfig, seed: int) -> DataSource:
         stat = os.stat(path)
         return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns, label]
 
-    bounds = {"train": (0, num_train), "val": (num_train, len(paths))}
     return DataSource(
         config=config, seed=seed, class_names=tuple(class_names),
-        sizes={"train": num_train, "val": num_val},
-        examples={split: lambda make=examples_at(*b): make(slice(None))
-                  for split, b in bounds.items()},
+        sizes={split: len(indices) for split, indices in chosen.items()},
+        examples={split: lambda make=examples_at(indices): make(slice(None))
+                  for split, indices in chosen.items()},
         encoded=True,
         contents=[class_names, *map(files, paths, labels)],
-        example_names={"train": lambda k: str(paths_arr[k]),
-                       "val": lambda k: str(paths_arr[num_train + k])},
-        examples_at={split: examples_at(*b) for split, b in bounds.items()},
-        jpeg_shapes={split: shapes_arr[slice(*b)] for split, b in bounds.items()},
+        example_names={split: lambda k, indices=indices: str(paths_arr[indices[k]])
+                       for split, indices in chosen.items()},
+        examples_at={split: examples_at(indices) for split, indices in chosen.items()},
+        jpeg_shapes={split: shapes_arr[indices] for split, indices in chosen.items()},
     )
 
 
@@ -334,15 +209,17 @@ def _synthetic_source(config: DataConfig, seed: int) -> DataSource:
     images, labels = synthetic_images(config.synthetic_examples,
                                       config.image_size or SYNTHETIC_IMAGE_SIZE, seed)
     num_train, _ = split_sizes(len(labels), config.val_fraction, "--dataset=synthetic")
+    angles = [round(180 * k / SYNTHETIC_CLASSES) for k in range(SYNTHETIC_CLASSES)]
+    class_names = tuple(f"stripes_{a}deg" for a in angles)
+    train = few_shot(labels[:num_train], config.examples_per_class, seed, class_names)
 
-    def examples(part: slice) -> Callable[[], tf.data.Dataset]:
+    def examples(part: np.ndarray | slice) -> Callable[[], tf.data.Dataset]:
         return lambda: tf.data.Dataset.from_tensor_slices((images[part], labels[part]))
 
-    angles = [round(180 * k / SYNTHETIC_CLASSES) for k in range(SYNTHETIC_CLASSES)]
     return DataSource(
-        config=config, seed=seed, class_names=tuple(f"stripes_{a}deg" for a in angles),
-        sizes={"train": num_train, "val": len(labels) - num_train},
-        examples={"train": examples(slice(0, num_train)), "val": examples(slice(num_train, None))},
+        config=config, seed=seed, class_names=class_names,
+        sizes={"train": len(train), "val": len(labels) - num_train},
+        examples={"train": examples(train), "val": examples(slice(num_train, None))},
         encoded=False, contents="synthetic",
         example_names={split: lambda k, split=split: f"synthetic {split} example {k}"
                        for split in ("train", "val")},
@@ -408,17 +285,29 @@ def _tfds_source(config: DataConfig, seed: int) -> DataSource:
     else:  # split sizes unrecorded (as under tfds.testing.mock_data): count
         num_examples = int(all_examples().reduce(0, lambda count, _: count + 1))
     num_train, _ = split_sizes(num_examples, config.val_fraction, f"--dataset={name}")
+    class_names = tuple(features["label"].names)
+    train = np.arange(num_train)
+    if config.examples_per_class:  # the labels of the training split, read once
+        labels = np.fromiter(all_examples().take(num_train).map(lambda _, label: label)
+                             .as_numpy_iterator(), np.int64, num_train)
+        train = few_shot(labels, config.examples_per_class, seed, class_names)
+
+    def train_examples() -> tf.data.Dataset:
+        if len(train) == num_train:
+            return all_examples().take(num_train)
+        kept = tf.constant(np.isin(np.arange(num_train), train))
+        return (all_examples().take(num_train).enumerate()
+                .filter(lambda i, _: kept[i]).map(lambda _, example: example))
 
     return DataSource(
-        config=config, seed=seed, class_names=tuple(features["label"].names),
-        sizes={"train": num_train, "val": num_examples - num_train},
+        config=config, seed=seed, class_names=class_names,
+        sizes={"train": len(train), "val": num_examples - num_train},
         # The reference's train[:70%] / train[70%:], in the dataset's stored order.
-        examples={"train": lambda: all_examples().take(num_train),
-                  "val": lambda: all_examples().skip(num_train)},
+        examples={"train": train_examples, "val": lambda: all_examples().skip(num_train)},
         encoded=True,
         contents=[name, os.path.abspath(builder.data_dir), num_examples,
                   data_files(builder.data_dir)],
-        example_names={"train": lambda k: f"{name} train[{k}]",
+        example_names={"train": lambda k: f"{name} train[{train[k]}]",
                        "val": lambda k: f"{name} train[{num_train + k}]"},
     )
 
