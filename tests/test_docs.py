@@ -65,16 +65,15 @@ def test_every_relative_link_and_repository_path_exists(doc):
 
 
 def test_test_names_in_the_survival_table_exist():
-    """README names the test behind each row of "What survives what", sometimes shortened
-    (`test_sigkill_anywhere...`): each must start a test function's name."""
-    readme = (REPO / "README.md").read_text()
-    table = readme.split("## What survives what", 1)[1].split("\n## ", 1)[0]
+    """docs/reliability.md names the test behind each row of "What survives what", sometimes
+    shortened (`test_sigkill_anywhere...`): each must start a test function's name."""
+    table = (REPO / "docs" / "reliability.md").read_text()
     names = re.findall(r"(test_\w+)(?:\.\.\.|`|\))", table)
     assert names, "the table names no tests"
     sources = "\n".join(p.read_text() for p in (REPO / "tests").glob("test_*.py"))
     missing = [n for n in names if not re.search(rf"def {n}", sources) and not n.endswith(".py")
                and not (REPO / "tests" / f"{n}.py").exists()]
-    assert not missing, f"README's survival table names tests that do not exist: {missing}"
+    assert not missing, f"the survival table names tests that do not exist: {missing}"
 
 
 def test_nothing_cites_files_outside_the_repository():
@@ -100,3 +99,34 @@ def test_the_flags_page_lists_every_flag_as_the_definitions_say():
     assert text == page.page(), "docs/flags.md is out of date: run scripts/write_flags_page.py"
     for name in main.CONFIG_FLAGS + ("print_config",):
         assert f"`--{name}`" in text, name
+
+
+def fenced_blocks(text, language=""):
+    """The contents of the ``` blocks of `text` opened with `language` (`` for plain ones)."""
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.M | re.S)
+
+
+@pytest.mark.slow
+def test_the_quick_start_and_the_python_snippet_after_it_run_as_written(tmp_path):
+    """README's quick start trains runs/smoke; its Python snippet then classifies an image
+    with that export. Both run from a fresh directory exactly as the README writes them
+    (the install part of the quick start is what .ci/run has done already)."""
+    import subprocess
+    import sys
+
+    readme = (REPO / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    [command] = [line for block in fenced_blocks(quick_start) for line in block.splitlines()
+                 if "trainer.main" in line]
+    train = command.split("&&")[-1].split()
+    assert train[:3] == ["python", "-m", "trainer.main"], command
+    done = subprocess.run([sys.executable, *train[1:]], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [snippet] = fenced_blocks(readme, "python")
+    done = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    labels = (tmp_path / "runs" / "smoke" / "export" / "labels.txt").read_text().split()
+    label, probability = done.stdout.split()
+    assert label in labels and 0.0 < float(probability) <= 1.0

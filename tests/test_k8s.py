@@ -374,11 +374,12 @@ def dockerfile_instructions(name):
 
 
 def readme_commands():
-    """Every command line in a fenced code block of README.md, without its comment."""
-    readme = REPO / "README.md"
-    assert readme.exists(), "README.md is missing: it gives the install commands the images use"
+    """Every command line in a fenced code block of README.md and docs/install.md (the
+    install commands users are given), without its comment."""
+    docs = [REPO / "README.md", REPO / "docs" / "install.md"]
+    assert all(doc.exists() for doc in docs), "the install commands the images use are missing"
     fenced, commands = False, []
-    for line in readme.read_text().splitlines():
+    for line in "\n".join(doc.read_text() for doc in docs).splitlines():
         if line.lstrip().startswith("```"):
             fenced = not fenced
         elif fenced:
@@ -398,7 +399,7 @@ def test_images_install_the_trainer_as_the_readme_says_without_the_test_tools(do
                 if line.startswith("RUN") and "pip install" in line]
     assert len(installs) == 1, installs
     command = installs[0][len("RUN "):]
-    assert command in readme_commands(), f"{dockerfile}'s install is not a README command"
+    assert command in readme_commands(), f"{dockerfile}'s install is not a command of the install docs"
     packages = [arg for args in pip_installs(command) for arg in args
                 if arg == "." or arg.startswith(".[")]
     assert packages, f"{dockerfile} does not install the package itself"
