@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging as std_logging
 import os
+from typing import Iterator
 
 import tensorflow as tf
 import tf_keras as keras
@@ -15,6 +18,25 @@ BACKBONE_EXPORT_DIR = "export_backbone"
 LABELS_FILE = "labels.txt"
 
 
+class _UncompiledWarning(std_logging.Filter):
+    """Drops tf_keras' warning that a model saved without compiling has no built metrics."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "compiled metrics have yet to be built" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_uncompiled_warning() -> Iterator[None]:
+    """The served model is saved uncompiled on purpose (nothing trains it from there), and
+    tf_keras warns about it on every save: a line that would only puzzle a reader of the log."""
+    logger, quiet = std_logging.getLogger("tensorflow"), _UncompiledWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def export_model(model: keras.Model, class_names: tuple[str, ...], workdir: str,
                  chief: bool) -> None:
     """Writes workdir/export: a SavedModel (uint8 images -> probabilities) and labels.txt.
@@ -22,7 +44,8 @@ def export_model(model: keras.Model, class_names: tuple[str, ...], workdir: str,
     Every worker saves (the save may run collectives); only the chief's copy is
     kept. The new export replaces the old one by rename, never half-written.
     """
-    with files.staged_directory(os.path.join(workdir, EXPORT_DIR), keep=chief) as staging:
+    with files.staged_directory(os.path.join(workdir, EXPORT_DIR), keep=chief) as staging, \
+            _without_uncompiled_warning():
         model.save(staging, save_format="tf", include_optimizer=False)
         files.write_atomically(os.path.join(staging, LABELS_FILE), "\n".join(class_names) + "\n")
 
