@@ -150,6 +150,7 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
 
         for scenario in chosen:
             logging.info("Scenario %s: input pipelines.", scenario.name)
+            timing.settle()
             if scenario.runs == 1:
                 figures = timing.time_input(configs[scenario.name])
             else:
@@ -159,6 +160,7 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
                 **dataclasses.asdict(scenario), **files[scenario.name], "input": figures}
 
         logging.info("Training on %s: tracing and timing.", training.name)
+        timing.settle()
         report["train"] = timing.time_training(sides, settings.train_steps, settings.round_steps)
 
         logging.info("Epoch time for %d and %d training images.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import gc
 import multiprocessing
 import os
 import resource
@@ -76,6 +77,15 @@ def compare(reference_runs: Runs, trainer_runs: Runs) -> dict[str, Any]:
     }
 
 
+def settle() -> None:
+    """Quiets what earlier measurements left running before the next timing: the
+    iterators of their input pipelines, whose tf.data threads (autotuning) live until
+    the garbage collector frees them, and the pages they wrote, which the kernel writes
+    back in the background. Either shares the CPUs with a timing taken meanwhile."""
+    gc.collect()
+    os.sync()
+
+
 def read_epoch(batches: Iterable, count: int | None = None) -> tuple[int, int, float]:
     """Reads `count` batches (None: until the end); returns (images, bytes, seconds).
 
@@ -122,6 +132,8 @@ def time_input(config: Config) -> dict[str, Any]:
         runs["reference_later"].add(images, seconds)
         images, _, seconds = read_epoch(trainer_batches, CACHED_EPOCHS * steps)
         runs["trainer_cached"].add(images, seconds)
+        del trainer_batches
+        settle()
     cache = {side: per_image * train_images for side, per_image in bytes_per_image.items()}
     return {
         "train_images": train_images,
@@ -156,6 +168,7 @@ def time_sweep(config: Config, runs: int, cache_dir: str) -> dict[str, Any]:
         reference_runs.add(images, seconds)
         images, _, seconds = read_epoch(pipeline.create_dataset(source, "train", batch), steps)
         trainer_runs.add(images, seconds)
+        settle()  # each run of a sweep is a process of its own
     return {
         "runs": runs,
         "train_images": source.sizes["train"],
