@@ -12,7 +12,6 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import callbacks as callbacks_lib
 from trainer import checks
-from trainer import config as config_lib
 from trainer import experiments
 from trainer import compare, schedules, train
 from trainer.config import DataConfig, UserError

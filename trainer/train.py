@@ -26,7 +26,7 @@ from trainer import (backbones, distribute, export, hparams, models, preflight, 
                      tflite)
 from trainer import steps as steps_lib
 from trainer import workdir as workdir_lib
-from trainer.config import Config, UserError
+from trainer.config import Config
 from trainer.data import cache, pipeline, sources
 
 PREVIEW_IMAGES = 8  # input images shown in TensorBoard

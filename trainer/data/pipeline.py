@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer.config import DataConfig, UserError
+from trainer.config import UserError
 from trainer.data import augment, cache, decode
 from trainer.data.sources import DataSource
 
