@@ -27,6 +27,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # `pytest -n 2`: the suite on two processes
             "hypothesis>=6.100",
             # tests/test_k8s.py: Kubernetes OpenAPI schemas (shipped, work offline), YAML.
             "kubernetes-validate>=1.31",
