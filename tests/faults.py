@@ -12,6 +12,8 @@ command line with these environment variables:
                            publish:NAME    before the staged NAME directory (export,
                                            best, ...) is published by rename
   FAULT_MARKER=PATH      the file written at the pause point
+  FAULT_RELEASE=PATH     the pause ends once PATH exists (a hold: the test signals the paused
+                         run, then lets it go on); without it the pause lasts until killed
   FAULT_ASCEND_FROM=E    from 1-based epoch E on, the learning rate is negated and
                          multiplied by 10: gradient ascent makes those epochs worse, for sure
 
@@ -29,18 +31,23 @@ import time
 SCRIPT = os.path.abspath(__file__)
 
 
+def environment(marker, pause_at=None, ascend_from=None, release=None):
+    """os.environ with the fault variables of a run that pauses at `pause_at` (see above)."""
+    if os.path.exists(marker):
+        os.remove(marker)
+    env = {**os.environ, "FAULT_MARKER": str(marker)}
+    for name, value in (("FAULT_PAUSE_AT", pause_at), ("FAULT_ASCEND_FROM", ascend_from),
+                        ("FAULT_RELEASE", release)):
+        env.pop(name, None)
+        if value:
+            env[name] = str(value)
+    return env
+
+
 def start(workdir, flags, pause_at=None, ascend_from=None):
     """Starts the trainer in a subprocess on `workdir`; returns (process, marker path)."""
     marker = f"{workdir}.paused"
-    if os.path.exists(marker):
-        os.remove(marker)
-    env = {**os.environ, "FAULT_MARKER": marker}
-    env.pop("FAULT_PAUSE_AT", None)
-    env.pop("FAULT_ASCEND_FROM", None)
-    if pause_at:
-        env["FAULT_PAUSE_AT"] = pause_at
-    if ascend_from:
-        env["FAULT_ASCEND_FROM"] = str(ascend_from)
+    env = environment(marker, pause_at, ascend_from)
     process = subprocess.Popen([sys.executable, SCRIPT, f"--workdir={workdir}", *flags], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return process, marker
@@ -53,8 +60,9 @@ def wait_for(process, condition, timeout=300):
         if condition():
             return
         if process.poll() is not None:
-            output = process.stderr or process.stdout  # whichever the caller piped
-            raise AssertionError(f"exited early ({process.returncode}): {output.read()[-3000:]}")
+            output = process.stderr or process.stdout  # whichever the caller piped, if any
+            raise AssertionError(f"exited early ({process.returncode}): "
+                                 f"{output.read()[-3000:] if output else ''}")
         time.sleep(0.02)
     raise AssertionError("timed out")
 
@@ -70,8 +78,11 @@ def kill_when_paused(process, marker):
 def _pause(marker):
     with open(marker, "w") as f:
         f.write(str(os.getpid()))
-    while True:  # until killed
+    release = os.environ.get("FAULT_RELEASE")
+    while release is None:  # until killed
         signal.pause()
+    while not os.path.exists(release):  # held; signal handlers run meanwhile
+        time.sleep(0.01)
 
 
 def _install(pause_at, marker, ascend_from):

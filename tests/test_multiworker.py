@@ -8,9 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
+
+import faults
 
 pytestmark = pytest.mark.slow  # two trainer processes, killed and restarted
 
@@ -31,13 +32,19 @@ def free_ports(count):
     return ports
 
 
-def start_workers(workdir):
-    """Both workers, with the environment an Indexed Job's pods get."""
+def start_workers(workdir, peer_pauses_at=None, marker=None):
+    """Both workers, with the environment an Indexed Job's pods get; the peer (index 1)
+    runs through tests/faults.py and pauses at `peer_pauses_at`, if given."""
     hosts = ",".join(f"127.0.0.1:{port}" for port in free_ports(2))
     workers = []
     for index in range(2):
-        env = {**os.environ, "WORKER_HOSTS": hosts, "JOB_COMPLETION_INDEX": str(index),
-               "TRAINER_CMD": f"{sys.executable} -m trainer.main"}
+        command = f"{sys.executable} -m trainer.main"
+        env = os.environ
+        if index == 1 and peer_pauses_at:
+            command, env = f"{sys.executable} {faults.SCRIPT}", faults.environment(
+                marker, peer_pauses_at)
+        env = {**env, "WORKER_HOSTS": hosts, "JOB_COMPLETION_INDEX": str(index),
+               "TRAINER_CMD": command}
         env.pop("TF_CONFIG", None)
         workers.append(subprocess.Popen(["bash", ENTRYPOINT, f"--workdir={workdir}", *TINY],
                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -60,12 +67,12 @@ def epochs_in_history(workdir):
 
 def test_lost_peer_ends_the_survivor_then_both_resume_and_only_the_chief_writes(tmp_path):
     workdir = tmp_path / "run"
-    chief, other = start_workers(workdir)
-    deadline = time.time() + 300
-    # Epoch 1's best checkpoint is saved after its history row and its backup.
-    while not (workdir / "checkpoints" / "best" / "epoch.json").exists() and time.time() < deadline:
-        assert chief.poll() is None and other.poll() is None
-        time.sleep(0.1)
+    marker = tmp_path / "peer-paused"
+    chief, other = start_workers(workdir, peer_pauses_at="epoch_begin:2", marker=marker)
+    # The peer holds at epoch 2, so the chief cannot pass its first step; the chief saved
+    # epoch 1's best checkpoint before (after its history row and its backup).
+    best = workdir / "checkpoints" / "best" / "epoch.json"
+    faults.wait_for(other, lambda: marker.exists() and (best.exists() or chief.poll() is not None))
     other.send_signal(signal.SIGKILL)  # the peer vanishes (node lost)
     other.wait()
     _, log = chief.communicate(timeout=300)  # a timeout, never a hang

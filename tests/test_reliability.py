@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -21,21 +20,6 @@ from trainer import workdir as workdir_lib
 from trainer.config import UserError
 
 SMOKE = ["--experiment=smoke", "--epochs=3", "--precision=float32", "--jit_compile=false"]
-
-
-def start(workdir, *extra):
-    return subprocess.Popen([sys.executable, "-m", "trainer.main", *SMOKE, f"--workdir={workdir}", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(process, condition, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        assert process.poll() is None, f"exited early: {process.stderr.read()[-2000:]}"
-        time.sleep(0.02)
-    raise AssertionError("timed out")
 
 
 def epochs_in_history(workdir):
@@ -121,21 +105,30 @@ def test_sigterm_while_starting_training_and_exporting_then_rerun_completes(tmp_
     launcher = launcher or []
     workdir = tmp_path / "run"
     small = ["--synthetic_examples=500", "--image_size=16", "--wrn_width=1"]
-    argv = [*launcher, sys.executable, "-m", "trainer.main", *SMOKE, f"--workdir={workdir}", *small]
+    # Through tests/faults.py: the run holds at an event until the test lets it go on.
+    argv = [*launcher, sys.executable, faults.SCRIPT, *SMOKE, f"--workdir={workdir}", *small]
+    marker, release = tmp_path / "held", tmp_path / "release"
     stops = [
         # Nothing to save yet: exits at once (the config is written before the data is read).
-        ("starting", lambda: (workdir / "config.json").exists()),
-        # The next step of epoch 2 stops it; the backup holds epoch 1.
-        ("training", lambda: len(epochs_in_history(workdir)) >= 1),
-        # The export being written is finished and published whole, then it stops.
-        ("exporting", lambda: glob.glob(str(workdir / "export.tmp-*"))),
+        ("starting", None, lambda: (workdir / "config.json").exists()),
+        # Held after epoch 2's first step: a later step stops it; the backup holds epoch 1.
+        ("training", "train_batch:2", marker.exists),
+        # Held with the export staged: it is published whole, then the run stops.
+        ("exporting", "publish:export", marker.exists),
     ]
-    for phase, condition in stops:
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                   text=True)
-        wait_for(process, condition)
+    for phase, pause_at, condition in stops:
+        release.unlink(missing_ok=True)
+        log = tmp_path / f"{phase}.log"
+        with open(log, "w") as stderr:
+            process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr,
+                                       env=faults.environment(marker, pause_at, release=release))
+        faults.wait_for(process, condition)
         os.kill(trainer_of(process, launcher), signal.SIGTERM)
-        _, err = process.communicate(timeout=120)
+        if pause_at:  # lets it go on once the trainer has seen the signal
+            faults.wait_for(process, lambda: "SIGTERM received while" in log.read_text())
+            release.touch()
+        process.wait(timeout=120)
+        err = log.read_text()
         assert process.returncode == 143, (phase, err[-2000:])
         assert "Traceback" not in err, err[-2000:]
         assert_every_file_is_whole(workdir)
